@@ -1,0 +1,331 @@
+"""The engine: owns the model and its KV cache, and advances every live sequence one step at a time.
+
+Each `step()` admits waiting requests, runs one forward pass over all scheduled sequences together (prompt
+chunks and single decode tokens in one ragged batch), samples per sequence, checks the stop conditions and
+hands each sequence its output. Callers on other threads `submit()` requests and `cancel()` them; only the
+thread that calls `step()` touches the model. `generate()` and `next_token_probabilities()` are the
+in-process conveniences: submit, then step until done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nextword.kernels.model import Batch, Model
+from nextword.kernels.softmax import log_softmax
+from nextword.server.kv_cache import BlockAllocator
+from nextword.server.sampling import InvalidParameter, Sampler, SampledToken, SamplingParams, TokenProb
+from nextword.server.tokenizer import IncrementalDecoder, Tokenizer
+from nextword.weights.loader import load_checkpoint
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a generation ended, with its usage counts and timings (seconds)."""
+
+    reason: str  # length | eos | stop (a stop string) | stop_token | cancelled
+    stop: str | None  # the matched stop string, or the text of the stop token
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int
+    queue_s: float  # submitted -> first scheduled
+    prefill_s: float  # first scheduled -> prompt processed
+    ttft_s: float  # submitted -> first token
+    mean_itl_s: float  # mean time between tokens after the first
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token (or, for a cancelled generation, none) and the text it completes."""
+
+    token: SampledToken | None
+    text: str  # text delta; empty while a UTF-8 character is incomplete or a stop string may be starting
+    finish: Finish | None = None  # set on the last step
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """The next-token distribution after a prompt (no sampling)."""
+
+    top: tuple[TokenProb, ...]  # the top-N, most likely first
+    logprobs: np.ndarray  # [V] float32, the whole vocabulary
+    prompt_tokens: int
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request as the engine tracks it."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler | None  # None for a probabilities-only request
+    on_output: Callable[[Step | Distribution], None]
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    num_cached: int = 0  # leading tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    decoder: IncrementalDecoder | None = None
+    text: str = ""  # generated text so far (stop strings already cut off)
+    emitted: int = 0  # characters of `text` handed out
+    cancelled: bool = False
+    finished: bool = False
+    submitted_at: float = 0.0
+    scheduled_at: float | None = None
+    prefilled_at: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - len(self.prompt_ids)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        *,
+        kv_cache_tokens: int = 16384,
+        block_size: int = 16,
+        max_batch_tokens: int = 1024,
+        max_top_n: int = 20,
+        model_id: str = "",
+    ):
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.config = model.config
+        self.max_context = model.max_positions
+        self.max_batch_tokens, self.max_top_n = max_batch_tokens, max_top_n
+        num_blocks = -(-kv_cache_tokens // block_size)
+        self.cache = model.new_cache(num_blocks, block_size)
+        self.blocks = BlockAllocator(num_blocks, block_size)
+        self.eos_ids = frozenset(self.config.eos_token_ids) | tokenizer.eos_token_ids
+        self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._ids = itertools.count()
+
+    @classmethod
+    def load(cls, folder: str | Path, **kwargs) -> Engine:
+        folder = Path(folder)
+        model = Model(load_checkpoint(folder), kwargs.pop("max_context", None))
+        return cls(model, Tokenizer(folder), model_id=kwargs.pop("model_id", folder.name), **kwargs)
+
+    # ---- requests (any thread) ----
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_output: Callable[[Step | Distribution], None],
+        *,
+        request_id: str | None = None,
+        probs_only: bool = False,
+    ) -> Sequence:
+        """Validate and queue a request; `on_output` is called from the engine thread with each output."""
+        self.validate(prompt_ids, params, probs_only)
+        seq = Sequence(
+            id=request_id or f"req-{next(self._ids)}",
+            prompt_ids=list(prompt_ids),
+            params=params,
+            sampler=None if probs_only else Sampler(params, self.config.vocab_size, prompt_ids),
+            on_output=on_output,
+            tokens=list(prompt_ids),
+            submitted_at=time.perf_counter(),
+        )
+        if not probs_only:
+            seq.decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
+        self._incoming.put(seq)
+        return seq
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams, probs_only: bool = False) -> None:
+        """Raise InvalidParameter naming the first field that cannot be served."""
+        V = self.config.vocab_size
+        if not prompt_ids:
+            raise InvalidParameter("prompt", "prompt is empty: give text or at least one token id")
+        bad = next((t for t in prompt_ids if not 0 <= t < V), None)
+        if bad is not None:
+            raise InvalidParameter("prompt", f"token id {bad} is outside the vocabulary [0, {V})")
+        params.validate(V, self.max_top_n)
+        new = 0 if probs_only else params.max_new_tokens
+        limit = min(self.max_context, self.blocks.num_blocks * self.blocks.block_size)
+        if len(prompt_ids) + new > limit:
+            field_name = "prompt" if probs_only else "max_new_tokens"
+            raise InvalidParameter(
+                field_name,
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({new}) = {len(prompt_ids) + new} "
+                f"exceeds the context of {limit} tokens",
+            )
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence at the next step (safe from any thread)."""
+        seq.cancelled = True
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._running) + len(self._waiting) + self._incoming.qsize()
+
+    def has_work(self) -> bool:
+        return self.live_sequences > 0
+
+    # ---- the step (engine thread only) ----
+
+    def step(self) -> int:
+        """Advance every live sequence by one step; returns how many tokens went through the model."""
+        while not self._incoming.empty():
+            self._waiting.append(self._incoming.get())
+        for seq in [s for s in itertools.chain(self._running, self._waiting) if s.cancelled]:
+            self._finish(seq, "cancelled", None, token=None)
+        self._admit()
+        scheduled, budget = [], self.max_batch_tokens
+        for seq in self._running:
+            todo = len(seq.tokens) - seq.num_cached
+            chunk = min(todo, budget) if seq.num_cached < len(seq.prompt_ids) else todo
+            if chunk <= 0:
+                continue
+            budget -= chunk
+            scheduled.append((seq, chunk))
+        if not scheduled:
+            return 0
+        now = time.perf_counter()
+        for seq, _ in scheduled:
+            seq.scheduled_at = seq.scheduled_at or now
+        batch = Batch.build(
+            [
+                (
+                    seq.tokens[seq.num_cached : seq.num_cached + n],
+                    seq.num_cached,
+                    seq.blocks,
+                    "last" if seq.num_cached + n == len(seq.tokens) else "none",
+                )
+                for seq, n in scheduled
+            ],
+            self.blocks.block_size,
+        )
+        logits = self.model.forward(self.cache, batch)
+        row = 0
+        for seq, n in scheduled:
+            seq.num_cached += n
+            if seq.num_cached == len(seq.tokens):
+                self._emit(seq, logits[row])
+                row += 1
+        self._running = [s for s in self._running if not s.finished]
+        return len(batch.token_ids)
+
+    def _admit(self) -> None:
+        # Blocks for the whole generation are taken at admission, so a running sequence never waits for cache.
+        while self._waiting:
+            seq = self._waiting[0]
+            need = len(seq.prompt_ids) + (0 if seq.sampler is None else seq.params.max_new_tokens)
+            if self.blocks.blocks_for(need) > self.blocks.free_blocks:
+                return
+            self.blocks.grow(seq.blocks, need)
+            self._running.append(self._waiting.popleft())
+
+    def _emit(self, seq: Sequence, logits: np.ndarray) -> None:
+        now = time.perf_counter()
+        seq.prefilled_at = seq.prefilled_at or now
+        if seq.sampler is None:
+            logprobs = np.empty((1, len(logits)), dtype=np.float32)
+            log_softmax(logprobs, logits[None, :])
+            top = _top(logprobs[0], seq.params.top_n)
+            seq.finished = True
+            self.blocks.release(seq.blocks)
+            seq.on_output(Distribution(top, logprobs[0], len(seq.prompt_ids)))
+            return
+        token = seq.sampler.sample(logits)
+        seq.tokens.append(token.token_id)
+        seq.token_times.append(now)
+        p, tid = seq.params, token.token_id
+        if tid in p.stop_token_ids:
+            return self._finish(seq, "stop_token", self.tokenizer.token_text(tid), token)
+        if tid in self.eos_ids and not p.ignore_eos:
+            return self._finish(seq, "eos", None, token)
+        seq.text += seq.decoder.push(tid)
+        for stop in p.stop:
+            at = seq.text.find(stop, max(0, seq.emitted - len(stop)))
+            if at >= 0:
+                seq.text = seq.text[:at]
+                return self._finish(seq, "stop", stop, token)
+        if seq.generated >= p.max_new_tokens:
+            seq.text += seq.decoder.flush()
+            return self._finish(seq, "length", None, token)
+        # Hold back a tail that could be the start of a stop string.
+        safe = len(seq.text) - max((_overlap(seq.text, s) for s in p.stop), default=0)
+        delta, seq.emitted = seq.text[seq.emitted : safe], max(seq.emitted, safe)
+        seq.on_output(Step(token, delta))
+
+    def _finish(self, seq: Sequence, reason: str, stop: str | None, token: SampledToken | None) -> None:
+        seq.finished = True
+        self.blocks.release(seq.blocks)
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        if seq in self._running and token is None:
+            self._running.remove(seq)
+        times = seq.token_times
+        finish = Finish(
+            reason=reason,
+            stop=stop,
+            prompt_tokens=len(seq.prompt_ids),
+            generated_tokens=seq.generated,
+            seed=seq.sampler.seed if seq.sampler else 0,
+            queue_s=(seq.scheduled_at or seq.submitted_at) - seq.submitted_at,
+            prefill_s=(seq.prefilled_at - seq.scheduled_at) if seq.prefilled_at else 0.0,
+            ttft_s=(times[0] - seq.submitted_at) if times else 0.0,
+            mean_itl_s=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0,
+        )
+        delta = seq.text[seq.emitted :]
+        seq.emitted = len(seq.text)
+        seq.on_output(Step(token, delta, finish))
+
+    # ---- in-process conveniences (the caller's thread steps the engine) ----
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[Step]:
+        """Stream the steps of one generation. Not for use while another thread runs `step()`."""
+        out: deque[Step] = deque()
+        seq = self.submit(self.encode_prompt(prompt), params or SamplingParams(), out.append)
+        try:
+            while True:
+                while out:
+                    step = out.popleft()
+                    yield step
+                    if step.finish:
+                        return
+                self.step()
+        finally:
+            if not seq.finished:  # the caller stopped iterating early
+                self.cancel(seq)
+                self.step()
+
+    def next_token_probabilities(self, prompt: str | list[int], top_n: int = 10) -> Distribution:
+        out: list[Distribution] = []
+        self.submit(self.encode_prompt(prompt), SamplingParams(top_n=top_n), out.append, probs_only=True)
+        while not out:
+            self.step()
+        return out[0]
+
+
+def _top(logprobs: np.ndarray, n: int) -> tuple[TokenProb, ...]:
+    if n <= 0:
+        return ()
+    idx = np.argpartition(-logprobs, n - 1)[:n]
+    idx = idx[np.lexsort((idx, -logprobs[idx]))]  # most likely first, ties by id
+    return tuple(TokenProb(int(i), float(np.exp(logprobs[i])), float(logprobs[i])) for i in idx)
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `stop`."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0

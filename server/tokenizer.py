@@ -1,0 +1,118 @@
+"""The model's own tokenizer (Hugging Face `tokenizers`), its chat template, and streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2.sandbox
+from tokenizers import Tokenizer as HFTokenizer
+
+from nextword.weights.config import ModelError
+
+
+class Tokenizer:
+    """Text <-> token ids exactly as the reference (Hugging Face) tokenizer of the model does it."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelError(f"{folder}: no tokenizer.json")
+        self._tok = HFTokenizer.from_file(str(path))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.chat_template: str | None = cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # some models keep several named templates
+            named = {t["name"]: t["template"] for t in self.chat_template}
+            self.chat_template = named.get("default")
+        self.bos_token = _token_text(cfg.get("bos_token"))
+        self.eos_token = _token_text(cfg.get("eos_token"))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(
+            i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
+        )
+        eos = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.eos_token_ids = frozenset() if eos is None else frozenset({eos})
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special tokens written in the text (e.g. <|im_start|>) become their ids."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (U+FFFD where it holds only part of a UTF-8 character)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's template, as transformers' apply_chat_template does."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template")
+        return _compile_template(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # The template writes the special tokens itself, so none are added (transformers does the same).
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _token_text(value) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _raise(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+_templates: dict[str, jinja2.Template] = {}
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    if source not in _templates:
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = _raise
+        _templates[source] = env.from_string(source)
+    return _templates[source]
+
+
+class IncrementalDecoder:
+    """Turns a growing list of token ids into text deltas, never splitting a UTF-8 character.
+
+    Byte-level tokens can end in the middle of a multi-byte character; decoding them alone gives U+FFFD. We
+    decode a short window of recent tokens and only emit text once it no longer ends in a partial character
+    (the approach of TGI and vLLM), so the concatenated deltas equal decode(all ids).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
+        self._tok = tokenizer
+        self.ids: list[int] = list(prompt_ids[-4:])  # a little context: some decoders strip a leading space
+        self._prefix = len(self.ids)  # start of the window
+        self._read = len(self.ids)  # tokens before this have been emitted as text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the newly completed text (possibly empty)."""
+        self.ids.append(token_id)
+        before = self._tok.decode(self.ids[self._prefix : self._read])
+        after = self._tok.decode(self.ids[self._prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end of generation (an incomplete character, as U+FFFD)."""
+        before = self._tok.decode(self.ids[self._prefix : self._read])
+        after = self._tok.decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before) :]
