@@ -51,7 +51,9 @@ def cache_write(k_cache, v_cache, qkv, slots, n_heads, n_kv_heads, head_dim):
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
-def paged_attention(out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, n_heads, n_kv_heads):
+def paged_attention(
+    out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, n_heads, n_kv_heads
+):
     """Causal grouped-query attention of each new token over its sequence's cached keys and values.
 
     out: [T, H * Dh]; qkv: [T, (H + 2 Hkv) * Dh]; k_cache, v_cache: [NB, BS, Hkv, Dh];

@@ -64,4 +64,6 @@ def gelu_tanh(x):
     for t in range(T):
         for i in range(F):
             v = x[t, i]
-            x[t, i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+            x[t, i] = (
+                np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+            )

@@ -33,7 +33,16 @@ def forward(model, cache, batch):
         add_bias(qkv, layer.qkv_bias)
         cache_write(cache.k[i], cache.v[i], qkv, batch.slots, H, H, Dh)
         paged_attention(
-            att, qkv, cache.k[i], cache.v[i], batch.block_tables, batch.token_seq, batch.positions, scale, H, H
+            att,
+            qkv,
+            cache.k[i],
+            cache.v[i],
+            batch.block_tables,
+            batch.token_seq,
+            batch.positions,
+            scale,
+            H,
+            H,
         )
         linear(h, att, layer.o)
         add_bias(h, layer.o_bias)

@@ -35,7 +35,16 @@ def forward(model, cache, batch):
         rope_qk(qkv, batch.positions, model.rope_cos, model.rope_sin, H, Hkv, Dh)
         cache_write(cache.k[i], cache.v[i], qkv, batch.slots, H, Hkv, Dh)
         paged_attention(
-            att, qkv, cache.k[i], cache.v[i], batch.block_tables, batch.token_seq, batch.positions, scale, H, Hkv
+            att,
+            qkv,
+            cache.k[i],
+            cache.v[i],
+            batch.block_tables,
+            batch.token_seq,
+            batch.positions,
+            scale,
+            H,
+            Hkv,
         )
         linear(h, att, layer.o)
         add(x, h)

@@ -22,7 +22,14 @@ import numpy as np
 from nextword.kernels.model import Batch, Model
 from nextword.kernels.softmax import log_softmax
 from nextword.server.kv_cache import BlockAllocator
-from nextword.server.sampling import InvalidParameter, Sampler, SampledToken, SamplingParams, TokenProb
+from nextword.server.sampling import (
+    InvalidParameter,
+    SampledToken,
+    Sampler,
+    SamplingParams,
+    TokenProb,
+    top_n_probs,
+)
 from nextword.server.tokenizer import IncrementalDecoder, Tokenizer
 from nextword.weights.loader import load_checkpoint
 
@@ -235,7 +242,7 @@ class Engine:
         if seq.sampler is None:
             logprobs = np.empty((1, len(logits)), dtype=np.float32)
             log_softmax(logprobs, logits[None, :])
-            top = _top(logprobs[0], seq.params.top_n)
+            top = top_n_probs(logits, seq.params.top_n)
             seq.finished = True
             self.blocks.release(seq.blocks)
             seq.on_output(Distribution(top, logprobs[0], len(seq.prompt_ids)))
@@ -313,14 +320,6 @@ class Engine:
         while not out:
             self.step()
         return out[0]
-
-
-def _top(logprobs: np.ndarray, n: int) -> tuple[TokenProb, ...]:
-    if n <= 0:
-        return ()
-    idx = np.argpartition(-logprobs, n - 1)[:n]
-    idx = idx[np.lexsort((idx, -logprobs[idx]))]  # most likely first, ties by id
-    return tuple(TokenProb(int(i), float(np.exp(logprobs[i])), float(logprobs[i])) for i in idx)
 
 
 def _overlap(text: str, stop: str) -> int:

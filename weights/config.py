@@ -159,6 +159,8 @@ def _scale_frequencies(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
         smooth = (old_context / wavelen - low) / (high - low)
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         return np.where(
-            wavelen > old_context / low, inv_freq / factor, np.where(wavelen < old_context / high, inv_freq, blended)
+            wavelen > old_context / low,
+            inv_freq / factor,
+            np.where(wavelen < old_context / high, inv_freq, blended),
         )
     return inv_freq

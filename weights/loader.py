@@ -140,7 +140,7 @@ class TensorFiles:
         for path in files:
             try:
                 with safe_open(path, framework="numpy") as f:
-                    for name in f.keys():
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                         s = f.get_slice(name)
                         self.where[name] = path
                         self.info[name] = (s.get_dtype(), tuple(s.get_shape()))
@@ -159,7 +159,9 @@ class TensorFiles:
                     f"expected {list(shape)} from config.json"
                 )
             if dtype not in DTYPES:
-                raise ModelError(f"tensor {stored!r} in {self.where[stored].name} has unsupported dtype {dtype}")
+                raise ModelError(
+                    f"tensor {stored!r} in {self.where[stored].name} has unsupported dtype {dtype}"
+                )
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as C-contiguous float32."""

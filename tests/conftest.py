@@ -1,0 +1,24 @@
+"""Shared fixtures. tests/ is put on sys.path so the oracle modules (reference, tiny_models) import plainly."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder() -> Path:
+    """The default model, fetched and imported once into the cache ($NEXTWORD_HOME or ~/.cache/nextword)."""
+    from nextword.weights.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_folder):
+    """One engine on the real model for the whole run (kernels compile once)."""
+    from nextword.server.engine import Engine
+
+    return Engine.load(smollm2_folder, kv_cache_tokens=4096)

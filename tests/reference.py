@@ -1,0 +1,207 @@
+"""The test oracle: a plain float64 NumPy forward of Llama-family and GPT-2 models, picoGPT style.
+
+One function per concept, a shape comment on each line, no cache (the full causal sequence every call).
+It reads Hugging Face folders (config.json + safetensors, F32/F16/BF16, sharded or not) with its own tiny
+parser. It never imports nextword. tests/test_reference.py checks it against Hugging Face transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+_NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")  # u64 header length
+    header = json.loads(raw[8 : 8 + n])  # {name: {dtype, shape, data_offsets}}
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]  # relative to the end of the header
+        dtype = np.dtype(_NP_DTYPES[info["dtype"]])
+        x = np.frombuffer(raw, dtype, (end - begin) // dtype.itemsize, 8 + n + begin)  # flat, stored dtype
+        if info["dtype"] == "BF16":
+            x = (x.astype(np.uint32) << 16).view(np.float32)  # bf16 bits are the top half of a float32
+        tensors[name] = x.astype(np.float64).reshape(info["shape"])
+    return tensors
+
+
+def load_reference(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else []
+    tensors = {}
+    for file in files or ["model.safetensors"]:
+        tensors.update(read_safetensors(folder / file))
+    return config, tensors
+
+
+def softmax(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # [..., n], max subtracted for stability
+    return e / e.sum(axis=-1, keepdims=True)  # [..., n] -> [..., n]
+
+
+def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)  # [..., n]
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))  # [..., n] -> [..., n]
+
+
+def silu(x):
+    x = np.asarray(x, np.float64)
+    return x / (1.0 + np.exp(-x))  # x * sigmoid(x)
+
+
+def gelu_tanh(x):
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))  # HF "gelu_new"
+
+
+def rms_norm(x, w, eps):
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + eps) * w  # [..., d] -> [..., d]
+
+
+def layer_norm(x, w, b, eps):
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axis=-1, keepdims=True)  # [..., 1]
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # [..., 1], biased like torch
+    return (x - mean) / np.sqrt(var + eps) * w + b  # [..., d] -> [..., d]
+
+
+def linear(x, w, b=None):
+    y = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T  # [..., in] @ [out, in].T -> [..., out]
+    return y if b is None else y + b
+
+
+def rope_inv_freq(head_dim, theta, scaling=None):
+    """Inverse frequencies [head_dim/2] as HF computes them, with "linear" or "llama3" scaling."""
+    inv_freq = float(theta) ** (-np.arange(0, head_dim, 2) / head_dim)  # [hd/2]
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]  # same as dividing the positions by factor
+    if kind != "llama3":
+        raise NotImplementedError(f"rope_type {kind!r}")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq  # [hd/2]
+    smooth = (old_ctx / wavelen - low) / (high - low)  # [hd/2], in [0, 1] for the medium band
+    medium = (1 - smooth) * inv_freq / factor + smooth * inv_freq  # [hd/2]
+    scaled = np.where(wavelen > old_ctx / low, inv_freq / factor, medium)  # low frequencies: / factor
+    return np.where(wavelen < old_ctx / high, inv_freq, scaled)  # high frequencies: unchanged
+
+
+def rope(x, pos, inv_freq):
+    """HF "rotate_half" RoPE, pairs (i, i + hd/2): x [T, n_heads, hd], pos [T]; or [n_heads, hd], int pos."""
+    x = np.asarray(x, np.float64)
+    angle = np.multiply.outer(np.asarray(pos, np.float64), inv_freq)  # [T, hd/2] (or [hd/2])
+    if x.ndim == 3:
+        angle = angle[:, None, :]  # [T, 1, hd/2], same angle for every head
+    cos, sin = np.cos(angle), np.sin(angle)
+    x1, x2 = np.split(x, 2, axis=-1)  # [..., hd] -> 2 x [..., hd/2]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [..., hd]
+
+
+def attention(q, k, v, pos=None):
+    """Causal GQA attention, scaled by 1/sqrt(hd); q head h reads kv head h // (n_heads / n_kv_heads).
+
+    q [T, n_heads, hd], k and v [S, n_kv_heads, hd]: query t sits at position S - T + t. For one decode step,
+    q [n_heads, hd] sits at `pos` (default S - 1) and reads keys 0..pos.
+    """
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    if q.ndim == 2:
+        n = k.shape[0] if pos is None else pos + 1
+        return attention(q[None], k[:n], v[:n])[0]  # [1, n_heads, hd] -> [n_heads, hd]
+    (T, n_heads, hd), S = q.shape, k.shape[0]
+    k = np.repeat(k, n_heads // k.shape[1], axis=1)  # [S, n_kv, hd] -> [S, n_heads, hd]
+    v = np.repeat(v, n_heads // v.shape[1], axis=1)  # [S, n_kv, hd] -> [S, n_heads, hd]
+    scores = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd)  # [n_heads, T, S]
+    future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]  # [T, S], True above the diagonal
+    weights = softmax(np.where(future, -np.inf, scores))  # [n_heads, T, S]
+    return np.einsum("hts,shd->thd", weights, v)  # [T, n_heads, hd]
+
+
+def params(tensors, prefix):
+    return {name[len(prefix) :]: x for name, x in tensors.items() if name.startswith(prefix)}
+
+
+def proj(x, p, name):
+    return linear(x, p[name + ".weight"], p.get(name + ".bias"))  # HF nn.Linear, bias when stored
+
+
+def llama_block(x, p, config, inv_freq):
+    T, H, KV = x.shape[0], config["num_attention_heads"], config["num_key_value_heads"]
+    hd, eps = config.get("head_dim") or x.shape[1] // H, config["rms_norm_eps"]
+    h = rms_norm(x, p["input_layernorm.weight"], eps)  # [T, d]
+    q = proj(h, p, "self_attn.q_proj").reshape(T, H, hd)  # [T, d] -> [T, H, hd]
+    k = proj(h, p, "self_attn.k_proj").reshape(T, KV, hd)  # [T, d] -> [T, KV, hd]
+    v = proj(h, p, "self_attn.v_proj").reshape(T, KV, hd)  # [T, d] -> [T, KV, hd]
+    pos = np.arange(T)  # [T], no cache: positions 0..T-1
+    a = attention(rope(q, pos, inv_freq), rope(k, pos, inv_freq), v)  # [T, H, hd]
+    x = x + proj(a.reshape(T, H * hd), p, "self_attn.o_proj")  # [T, H*hd] -> [T, d]
+    h = rms_norm(x, p["post_attention_layernorm.weight"], eps)  # [T, d]
+    h = silu(proj(h, p, "mlp.gate_proj")) * proj(h, p, "mlp.up_proj")  # SwiGLU: [T, d] -> [T, inter]
+    return x + proj(h, p, "mlp.down_proj")  # [T, inter] -> [T, d]
+
+
+def llama(ids, config, tensors):
+    if config.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(config["hidden_act"])
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if window and len(ids) > window:
+        raise NotImplementedError("sliding-window attention")
+    rope_params = config.get("rope_parameters") or config.get("rope_scaling") or {}  # v5 name, then v4 name
+    theta = rope_params.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = {"original_max_position_embeddings": config.get("max_position_embeddings"), **rope_params}
+    hd = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    inv_freq = rope_inv_freq(hd, theta, scaling)  # [hd/2]
+    embed = tensors["model.embed_tokens.weight"]  # [vocab, d]
+    x = embed[ids]  # [T] -> [T, d]
+    for i in range(config["num_hidden_layers"]):
+        x = llama_block(x, params(tensors, f"model.layers.{i}."), config, inv_freq)  # [T, d] -> [T, d]
+    x = rms_norm(x, tensors["model.norm.weight"], config["rms_norm_eps"])  # [T, d]
+    return linear(x, tensors.get("lm_head.weight", embed))  # [T, d] -> [T, vocab], embed when tied
+
+
+def gpt2_block(x, p, n_head, eps):
+    (T, d), hd = x.shape, x.shape[1] // n_head
+    h = layer_norm(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # [T, d]
+    qkv = h @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]  # Conv1D, W [in, out]: [T, d] -> [T, 3d]
+    q, k, v = (m.reshape(T, n_head, hd) for m in np.split(qkv, 3, axis=-1))  # 3 x [T, n_head, hd]
+    a = attention(q, k, v).reshape(T, d)  # [T, n_head, hd] -> [T, d]
+    x = x + a @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"]  # [T, d] -> [T, d]
+    h = layer_norm(x, p["ln_2.weight"], p["ln_2.bias"], eps)  # [T, d]
+    h = gelu_tanh(h @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"])  # [T, d] -> [T, 4d]
+    return x + h @ p["mlp.c_proj.weight"] + p["mlp.c_proj.bias"]  # [T, 4d] -> [T, d]
+
+
+def gpt2(ids, config, tensors):
+    if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise NotImplementedError(config["activation_function"])
+    t = params(tensors, "transformer.") if "transformer.wte.weight" in tensors else tensors  # both HF namings
+    eps = config.get("layer_norm_epsilon", 1e-5)
+    x = t["wte.weight"][ids] + t["wpe.weight"][np.arange(len(ids))]  # [T, d] token + position embeddings
+    for i in range(config["n_layer"]):
+        x = gpt2_block(x, params(t, f"h.{i}."), config["n_head"], eps)  # [T, d] -> [T, d]
+    x = layer_norm(x, t["ln_f.weight"], t["ln_f.bias"], eps)  # [T, d]
+    return linear(x, tensors.get("lm_head.weight", t["wte.weight"]))  # [T, d] -> [T, vocab], tied to wte
+
+
+FORWARDS = {"llama": llama, "mistral": llama, "qwen2": llama, "gpt2": gpt2}
+
+
+def reference_logits(folder_or_loaded, token_ids) -> np.ndarray:
+    """Full causal forward: a folder (or load_reference's (config, tensors)), T ids -> float64 [T, vocab]."""
+    loaded = folder_or_loaded if isinstance(folder_or_loaded, tuple) else load_reference(folder_or_loaded)
+    config, tensors = loaded
+    return FORWARDS[config["model_type"]](np.asarray(token_ids, np.int64), config, tensors)

@@ -1,0 +1,168 @@
+"""The engine end to end on a tiny random Llama: generation against the reference forward, stop conditions,
+seeds, batching, cancellation, validation and streaming detokenization."""
+
+import re
+
+import numpy as np
+import pytest
+import reference as ref
+from tiny_models import write_tiny_model
+
+from nextword.client.cli import main as cli_main
+from nextword.server.engine import Engine
+from nextword.server.sampling import InvalidParameter, SamplingParams
+from nextword.server.tokenizer import IncrementalDecoder
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    write_tiny_model(path, "llama", seed=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    return Engine.load(folder, kv_cache_tokens=1024, block_size=4, max_top_n=8)
+
+
+def greedy(**kw):
+    return SamplingParams(temperature=0.0, **kw)
+
+
+def run(engine, prompt, params):
+    steps = list(engine.generate(prompt, params))
+    assert engine.live_sequences == 0 and engine.blocks.free_blocks == engine.blocks.num_blocks
+    return steps
+
+
+def test_greedy_generation_follows_the_reference_forward(engine, folder):
+    ids = engine.tokenizer.encode(PROMPT)
+    steps = run(engine, ids, greedy(max_new_tokens=12, ignore_eos=True, top_n=3))
+    loaded, seq = ref.load_reference(folder), list(ids)
+    for step in steps:
+        logits = ref.reference_logits(loaded, seq)[-1]
+        assert step.token.token_id == int(np.argmax(logits))
+        probs = ref.softmax(logits)
+        assert step.token.prob == pytest.approx(probs.max(), abs=1e-5)
+        assert [t.token_id for t in step.token.top] == list(np.argsort(-probs)[:3])
+        seq.append(step.token.token_id)
+    assert steps[-1].finish.reason == "length" and steps[-1].finish.generated_tokens == 12
+    assert "".join(s.text for s in steps) == engine.tokenizer.decode(seq[len(ids) :])
+
+
+def test_next_token_probabilities(engine, folder):
+    ids = engine.tokenizer.encode(PROMPT)
+    dist = engine.next_token_probabilities(ids, top_n=5)
+    expect = ref.log_softmax(ref.reference_logits(folder, ids)[-1])
+    np.testing.assert_allclose(dist.logprobs, expect, atol=1e-4)
+    assert np.exp(dist.logprobs).sum() == pytest.approx(1.0, abs=1e-5)
+    assert [t.token_id for t in dist.top] == list(np.argsort(-expect)[:5])
+    assert engine.live_sequences == 0
+
+
+def test_seed_reproduces_tokens_and_batch_mates_do_not_matter(engine):
+    params = SamplingParams(temperature=1.5, seed=1234, max_new_tokens=15, ignore_eos=True)
+    alone = [s.token.token_id for s in run(engine, PROMPT, params)]
+    assert [s.token.token_id for s in run(engine, PROMPT, params)] == alone
+    other = SamplingParams(temperature=1.5, seed=99, max_new_tokens=15, ignore_eos=True)
+    assert [s.token.token_id for s in run(engine, PROMPT, other)] != alone
+
+    # the same request batched with two others, stepped together
+    outs = {name: [] for name in "abc"}
+    ids = engine.tokenizer.encode(PROMPT)
+    engine.submit(engine.tokenizer.encode("def add(a, b):"), other, outs["a"].append)
+    engine.submit(ids, params, outs["b"].append)
+    engine.submit(ids[:2], greedy(max_new_tokens=4), outs["c"].append)
+    while engine.has_work():
+        engine.step()
+    assert [s.token.token_id for s in outs["b"]] == alone
+    assert outs["a"][-1].finish and outs["c"][-1].finish.generated_tokens == 4
+
+
+def test_stop_string_cuts_the_text(engine):
+    full = "".join(s.text for s in run(engine, PROMPT, greedy(max_new_tokens=16, ignore_eos=True)))
+    stop = full[5:8]
+    assert stop and full.find(stop) == 5
+    steps = run(engine, PROMPT, greedy(max_new_tokens=16, ignore_eos=True, stop=("zzzz-never", stop)))
+    assert "".join(s.text for s in steps) == full[:5]
+    assert steps[-1].finish.reason == "stop" and steps[-1].finish.stop == stop
+
+
+def test_stop_token_eos_and_ignore_eos(engine):
+    tokens = [s.token.token_id for s in run(engine, PROMPT, greedy(max_new_tokens=10, ignore_eos=True))]
+    steps = run(engine, PROMPT, greedy(max_new_tokens=10, stop_token_ids=(tokens[2],)))
+    assert steps[-1].finish.reason == "stop_token" and len(steps) == tokens.index(tokens[2]) + 1
+
+    eos = engine.tokenizer.encode("<|im_end|>")[0]
+    forced = greedy(max_new_tokens=5, logit_bias=((eos, 100.0),))
+    steps = run(engine, PROMPT, forced)
+    assert [s.finish.reason for s in steps if s.finish] == ["eos"] and len(steps) == 1 and steps[0].text == ""
+    steps = run(engine, PROMPT, greedy(max_new_tokens=5, logit_bias=((eos, 100.0),), ignore_eos=True))
+    assert len(steps) == 5 and steps[-1].finish.reason == "length"
+
+
+def test_cancel_frees_the_sequence(engine):
+    steps = engine.generate(PROMPT, greedy(max_new_tokens=50, ignore_eos=True))
+    next(steps), next(steps)
+    steps.close()  # the caller went away
+    assert engine.live_sequences == 0 and engine.blocks.free_blocks == engine.blocks.num_blocks
+
+    out = []
+    seq = engine.submit(engine.tokenizer.encode(PROMPT), greedy(max_new_tokens=50), out.append)
+    engine.step()
+    engine.cancel(seq)
+    engine.step()
+    assert out[-1].finish.reason == "cancelled" and out[-1].token is None
+    assert engine.live_sequences == 0
+
+
+@pytest.mark.parametrize(
+    "prompt,params,field",
+    [
+        ([], greedy(), "prompt"),
+        ([1, 5, 10_000], greedy(), "prompt"),
+        ([1] * 100, greedy(max_new_tokens=29), "max_new_tokens"),
+        ([1, 2], greedy(top_n=9), "top_n"),
+        ([1, 2], SamplingParams(top_p=1.5), "top_p"),
+        ([1, 2], SamplingParams(temperature=-1), "temperature"),
+    ],
+)
+def test_invalid_requests_name_the_field(engine, prompt, params, field):
+    with pytest.raises(InvalidParameter) as e:
+        engine.submit(prompt, params, print)
+    assert e.value.field == field
+    assert engine.live_sequences == 0
+
+
+def test_context_error_gives_both_counts(engine):
+    with pytest.raises(
+        InvalidParameter, match=r"prompt \(100 tokens\) \+ max_new_tokens \(29\) = 129 .* 128"
+    ):
+        engine.validate([1] * 100, greedy(max_new_tokens=29))
+
+
+def test_incremental_decoding_never_splits_a_character(engine):
+    tok = engine.tokenizer
+    text = "héllo wörld 日本語 😀 ½"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # multi-byte characters are split over byte tokens
+    decoder = IncrementalDecoder(tok)
+    deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_cli_generate(folder, capsys):
+    assert cli_main(["generate", PROMPT, "--model", str(folder), "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    assert out and re.search(r"\[length; \d+ prompt \+ 6 generated tokens", err)
+    assert (
+        cli_main(["generate", PROMPT, "--model", str(folder), "--show-probs", "--max-new-tokens", "3"]) == 0
+    )
+    out, _ = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 3 and "|" in out
+    assert cli_main(["generate", PROMPT, "--model", str(folder), "--top-p", "2"]) == 2
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

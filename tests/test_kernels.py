@@ -1,0 +1,164 @@
+"""Every Numba kernel against the plain float64 NumPy reference, on odd shapes."""
+
+import numpy as np
+import pytest
+import reference as ref
+
+from nextword.kernels.attention import cache_write, paged_attention, rope_qk
+from nextword.kernels.elementwise import add, add_bias, add_embedding, embedding, gelu_tanh, swiglu
+from nextword.kernels.matmul import linear, matmul_f32
+from nextword.kernels.norms import layernorm, rmsnorm
+from nextword.kernels.softmax import log_softmax, softmax
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("T,D", [(1, 1), (3, 7), (5, 576), (2, 1001)])
+def test_norms(T, D):
+    rng = np.random.default_rng(T * D)
+    x, w, b = randn(rng, T, D, scale=3), randn(rng, D), randn(rng, D)
+    out = np.empty_like(x)
+    rmsnorm(out, x, w, 1e-5)
+    np.testing.assert_allclose(out, ref.rms_norm(x, w, 1e-5), **TOL)
+    layernorm(out, x, w, b, 1e-5)
+    np.testing.assert_allclose(out, ref.layer_norm(x, w, b, 1e-5), **TOL)
+
+
+def test_norm_in_place_equals_out_of_place():
+    rng = np.random.default_rng(1)
+    x, w = randn(rng, 3, 13), randn(rng, 13)
+    expect = ref.rms_norm(x, w, 1e-6)
+    rmsnorm(x, x, w, 1e-6)
+    np.testing.assert_allclose(x, expect, **TOL)
+
+
+@pytest.mark.parametrize("T,K,N", [(1, 1, 1), (1, 576, 192), (3, 7, 5), (7, 33, 65), (17, 64, 130)])
+def test_matmul(T, K, N):
+    rng = np.random.default_rng(T + K + N)
+    x, w = randn(rng, T, K), randn(rng, N, K)
+    out = np.full((T, N), np.nan, dtype=np.float32)
+    matmul_f32(out, x, w)
+    np.testing.assert_allclose(out, ref.linear(x, w), rtol=1e-5, atol=1e-5 * np.sqrt(K))
+    out2 = np.empty_like(out)
+    linear(out2, x, w)
+    np.testing.assert_array_equal(out2, out)
+
+
+def test_linear_rejects_unknown_format():
+    with pytest.raises(TypeError, match="no matmul kernel"):
+        linear(np.empty((1, 2), np.float32), np.ones((1, 3), np.float32), np.ones((2, 3), np.float64))
+
+
+def test_embedding_and_positions():
+    rng = np.random.default_rng(2)
+    table, pos_table = randn(rng, 11, 5), randn(rng, 9, 5)
+    ids, positions = np.array([3, 0, 10, 3], dtype=np.int64), np.array([0, 1, 2, 8], dtype=np.int64)
+    out = np.empty((4, 5), dtype=np.float32)
+    embedding(out, table, ids)
+    np.testing.assert_array_equal(out, table[ids])
+    add_embedding(out, pos_table, positions)
+    np.testing.assert_allclose(out, table[ids].astype(np.float64) + pos_table[positions], **TOL)
+
+
+def test_residual_bias_and_activations():
+    rng = np.random.default_rng(3)
+    x, y, b = randn(rng, 3, 9), randn(rng, 3, 9), randn(rng, 9)
+    expect = x.astype(np.float64) + y
+    add(x, y)
+    np.testing.assert_allclose(x, expect, **TOL)
+    expect = x.astype(np.float64) + b
+    add_bias(x, b)
+    np.testing.assert_allclose(x, expect, **TOL)
+
+    gate_up = randn(rng, 4, 2 * 7, scale=4)
+    out = np.empty((4, 7), dtype=np.float32)
+    swiglu(out, gate_up)
+    np.testing.assert_allclose(out, ref.silu(gate_up[:, :7]) * gate_up[:, 7:], **TOL)
+
+    x = randn(rng, 4, 11, scale=4)
+    expect = ref.gelu_tanh(x)
+    gelu_tanh(x)
+    np.testing.assert_allclose(x, expect, **TOL)
+
+
+@pytest.mark.parametrize("R,N", [(1, 1), (2, 7), (3, 49152)])
+def test_softmax(R, N):
+    rng = np.random.default_rng(N)
+    x = randn(rng, R, N, scale=8) + 100  # a large offset: only a max-subtracted form stays exact
+    out = np.empty_like(x)
+    softmax(out, x)
+    np.testing.assert_allclose(out, ref.softmax(x), rtol=1e-5, atol=1e-7)
+    log_softmax(out, x)
+    np.testing.assert_allclose(out, ref.log_softmax(x), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("H,Hkv,Dh", [(9, 3, 64), (4, 4, 8), (6, 2, 6)])
+def test_rope(H, Hkv, Dh):
+    rng = np.random.default_rng(H * Dh)
+    T, theta = 5, 10000.0
+    positions = np.array([0, 1, 7, 30, 99], dtype=np.int64)
+    qkv = randn(rng, T, (H + 2 * Hkv) * Dh)
+    inv_freq = ref.rope_inv_freq(Dh, theta)
+    angles = np.outer(np.arange(100), inv_freq)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    expect = qkv.astype(np.float64).copy()
+    rotated = ref.rope(expect[:, : (H + Hkv) * Dh].reshape(T, H + Hkv, Dh), positions, inv_freq)
+    expect[:, : (H + Hkv) * Dh] = rotated.reshape(T, -1)  # v heads untouched
+    rope_qk(qkv, positions, cos, sin, H, Hkv, Dh)
+    np.testing.assert_allclose(qkv, expect, **TOL)
+
+
+@pytest.mark.parametrize("H,Hkv,Dh,block_size", [(9, 3, 64, 16), (4, 4, 8, 4), (6, 2, 5, 3)])
+def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size):
+    """Three sequences in one batch: a long prefill chunk mid-sequence, a decode step at position 0, and a
+    decode step deep in a sequence, each with shuffled, non-contiguous cache blocks."""
+    rng = np.random.default_rng(H + Dh + block_size)
+    lengths = [23, 1, 41]  # total positions per sequence after this step
+    new = [9, 1, 1]  # new tokens this step (the last `new` positions)
+    num_blocks = 40
+    order = rng.permutation(num_blocks)
+    tables, at = [], 0
+    for n in lengths:
+        nb = -(-n // block_size)
+        tables.append(order[at : at + nb])
+        at += nb
+    block_tables = np.zeros((3, max(map(len, tables))), dtype=np.int32)
+    for s, t in enumerate(tables):
+        block_tables[s, : len(t)] = t
+
+    k_cache = np.zeros((num_blocks, block_size, Hkv, Dh), dtype=np.float32)
+    v_cache = np.zeros_like(k_cache)
+    width = (H + 2 * Hkv) * Dh
+    full = [randn(rng, n, width) for n in lengths]  # every position's q/k/v row of each sequence
+    # the earlier positions were cached by previous steps
+    for s, n in enumerate(lengths):
+        p = np.arange(n - new[s])
+        slots = block_tables[s, p // block_size].astype(np.int64) * block_size + p % block_size
+        cache_write(k_cache, v_cache, np.ascontiguousarray(full[s][: n - new[s]]), slots, H, Hkv, Dh)
+
+    qkv = np.concatenate([full[s][lengths[s] - new[s] :] for s in range(3)])
+    positions = np.concatenate([np.arange(n - k, n) for n, k in zip(lengths, new, strict=False)]).astype(
+        np.int64
+    )
+    token_seq = np.repeat(np.arange(3), new).astype(np.int64)
+    slots = (
+        block_tables[token_seq, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
+    )
+    cache_write(k_cache, v_cache, qkv, slots, H, Hkv, Dh)
+    out = np.full((len(qkv), H * Dh), np.nan, dtype=np.float32)
+    scale = np.float32(1 / np.sqrt(Dh))
+    paged_attention(out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, H, Hkv)
+
+    row = 0
+    for s, n in enumerate(lengths):
+        q = full[s][n - new[s] :, : H * Dh].reshape(new[s], H, Dh)
+        k = full[s][:, H * Dh : (H + Hkv) * Dh].reshape(n, Hkv, Dh)
+        v = full[s][:, (H + Hkv) * Dh :].reshape(n, Hkv, Dh)
+        expect = ref.attention(q, k, v).reshape(new[s], H * Dh)
+        np.testing.assert_allclose(out[row : row + new[s]], expect, **TOL)
+        row += new[s]
