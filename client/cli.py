@@ -4,7 +4,14 @@ from nextword.server only when used, so the client never pulls in numba."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from collections.abc import Iterable
+
+from nextword.client.client import DEFAULT_TARGET, Client
+from nextword.client.errors import NextwordError
+from nextword.client.types import Finish, GenerateEvent
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -48,15 +55,220 @@ def format_probs(token_text: str, prob: float, top: list[tuple[str, float]]) -> 
     return f"{token_text!r:>16} {prob:.3f} | {alternatives}"
 
 
+# ---- client commands (they talk to a server) ----
+
+
+def add_client_commands(commands) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=os.environ.get("NEXTWORD_TARGET", DEFAULT_TARGET),
+        help="server address (default $NEXTWORD_TARGET or %(default)s)",
+    )
+    common.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
+    common.add_argument("--json", action="store_true", help="print one JSON object per event or response")
+
+    p = commands.add_parser("complete", parents=[common], help="stream a completion from a server")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
+    add_sampling_flags(p)
+    p.set_defaults(run=run_complete)
+
+    p = commands.add_parser("chat", parents=[common], help="chat with the model on a server (reads stdin)")
+    p.add_argument("--system", help="a system message opening the conversation")
+    add_sampling_flags(p)
+    p.set_defaults(run=run_chat, max_new_tokens=256)
+
+    p = commands.add_parser("probs", parents=[common], help="the most likely next tokens after a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
+    p.add_argument("--top-n", type=int, default=10, help="how many tokens to list (default 10)")
+    p.set_defaults(run=run_probs)
+
+    p = commands.add_parser("tokenize", parents=[common], help="text to token ids, on a server")
+    p.add_argument("text")
+    p.add_argument("--chat", action="store_true", help="tokenize the text as one user chat message")
+    p.set_defaults(run=run_tokenize)
+
+    p = commands.add_parser("detokenize", parents=[common], help="token ids to text, on a server")
+    p.add_argument("ids", type=int, nargs="+", metavar="ID")
+    p.add_argument("--skip-special-tokens", action="store_true")
+    p.set_defaults(run=run_detokenize)
+
+    p = commands.add_parser("info", parents=[common], help="the served model, its limits and defaults")
+    p.set_defaults(run=run_info)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.target, timeout=args.timeout)
+
+
+def _prompt(args: argparse.Namespace, text: str):
+    return [{"role": "user", "content": text}] if args.chat else text
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, ensure_ascii=False), flush=True)
+
+
+def finish_line(f: Finish) -> str:
+    stop = f": {f.stop!r}" if f.stop else ""
+    return (
+        f"[{f.reason}{stop}; {f.usage.prompt_tokens} prompt + {f.usage.generated_tokens} generated tokens; "
+        f"first token {f.timings.ttft_ms:.0f} ms; {f.timings.tokens_per_s:.1f} tokens/s; seed {f.seed}]"
+    )
+
+
+def print_stream(events: Iterable[GenerateEvent], args: argparse.Namespace) -> str:
+    """Print a generation as it arrives (text, --show-probs lines or --json lines); returns its text."""
+    parts = []
+    for event in events:
+        parts.append(event.text)
+        if args.json:
+            _print_json(event.to_dict())
+        elif args.show_probs:
+            if event.token:
+                t = event.token
+                print(format_probs(t.text, t.prob, [(a.text, a.prob) for a in t.top]), flush=True)
+        else:
+            print(event.text, end="", flush=True)
+        if event.finish and not args.json:
+            if not args.show_probs:
+                print(flush=True)
+            print(finish_line(event.finish), file=sys.stderr, flush=True)
+    return "".join(parts)
+
+
+def run_complete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print_stream(client.generate(_prompt(args, args.prompt), **sampling_kwargs(args)), args)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """A REPL: each stdin line is a user turn; /reset forgets the conversation, /exit or EOF quits."""
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    prompt = "> " if sys.stdin.isatty() and sys.stdout.isatty() and not args.json else ""
+    failed = False
+    with _client(args) as client:
+        while True:
+            try:
+                line = input(prompt)
+            except EOFError:
+                break
+            command = line.strip()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                history = list(start)
+                print("[conversation cleared]", file=sys.stderr, flush=True)
+                continue
+            if not command:
+                continue
+            messages = [*history, {"role": "user", "content": line}]
+            try:
+                answer = print_stream(client.generate(messages, **sampling_kwargs(args)), args)
+            except NextwordError as e:  # report it and stay in the conversation (the turn is dropped)
+                print_error(e)
+                failed = True
+                continue
+            except KeyboardInterrupt:  # Ctrl-C stops this answer (the RPC is cancelled), not the chat
+                print("\n[interrupted]", file=sys.stderr, flush=True)
+                continue
+            history = [*messages, {"role": "assistant", "content": answer}]
+    return 1 if failed else 0
+
+
+def run_probs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        dist = client.next_token_probabilities(_prompt(args, args.prompt), top_n=args.top_n)
+    if args.json:
+        _print_json(dist.to_dict())
+        return 0
+    print(f"{'rank':>4} {'id':>7}  {'token':<20} {'prob':>8} {'logprob':>9}")
+    for rank, t in enumerate(dist.top, 1):
+        print(f"{rank:>4} {t.token_id:>7}  {t.text!r:<20} {t.prob:>8.4f} {t.logprob:>9.4f}")
+    print(f"[{dist.prompt_tokens} prompt tokens; vocabulary of {dist.vocab_size}]", file=sys.stderr)
+    return 0
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        tokenized = client.tokenize(_prompt(args, args.text))
+    if args.json:
+        _print_json(tokenized.to_dict())
+        return 0
+    for token_id, text in zip(tokenized.ids, tokenized.tokens, strict=True):
+        print(f"{token_id} {text!r}")
+    print(f"[{len(tokenized.ids)} tokens]", file=sys.stderr)
+    return 0
+
+
+def run_detokenize(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        text = client.detokenize(args.ids, skip_special_tokens=args.skip_special_tokens)
+    if args.json:
+        _print_json({"text": text})
+    else:
+        print(text)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.model_info()
+    if args.json:
+        _print_json(info.to_dict())
+        return 0
+    rows = {
+        "model": info.model_id,
+        "architecture": info.architecture,
+        "parameters": f"{info.parameters:,}",
+        "weights": info.weights_format,
+        "vocabulary": info.vocab_size,
+        "context": f"{info.context_length} tokens",
+        "chat template": "yes" if info.has_chat_template else "no",
+        "eos token ids": " ".join(map(str, info.eos_token_ids)),
+        "special tokens": " ".join(f"{t.id}={t.text!r}" for t in info.special_tokens),
+        "limits": " ".join(f"{k}={v}" for k, v in info.limits.to_dict().items()),
+        "defaults": " ".join(f"{k}={v}" for k, v in info.defaults.items()),
+    }
+    for name, value in rows.items():
+        print(f"{name + ':':<16}{value}")
+    return 0
+
+
+def print_error(e: NextwordError) -> None:
+    print(f"error: {e.code_name}: {e.message}", file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (`nextword tokenize ... | head`): point stdout at /dev/null so the interpreter's
+    final flush does not complain."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests, embedding)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nextword", description="A CPU language-model inference server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_client_commands(commands)
     from nextword.server import cli as server_cli
 
     server_cli.add_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
+    except NextwordError as e:
+        print_error(e)
+        return 1
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
     except KeyboardInterrupt:
         return 130
 

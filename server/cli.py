@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +13,7 @@ from nextword.client.cli import add_sampling_flags, format_probs, sampling_kwarg
 
 
 def add_commands(commands) -> None:
+    add_serve_command(commands)
     p = commands.add_parser("pull", help="fetch the default model into the cache and import it")
     p.add_argument("--home", help="cache folder (default $NEXTWORD_HOME or ~/.cache/nextword)")
     p.set_defaults(run=run_pull)
@@ -24,6 +28,52 @@ def add_commands(commands) -> None:
     )
     add_sampling_flags(p)
     p.set_defaults(run=run_generate)
+
+
+def env(name: str, default, kind=str):
+    """A flag's default: $NEXTWORD_<NAME> when set, else `default`."""
+    value = os.environ.get("NEXTWORD_" + name)
+    return default if value is None else kind(value)
+
+
+def add_serve_command(commands) -> None:
+    p = commands.add_parser("serve", help="serve the model over gRPC")
+    p.add_argument("--model", default=env("MODEL", None), help="HF model folder (default: the default model)")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=env("PORT", 50051, int), help="0 picks a free port")
+    p.add_argument("--kv-cache-tokens", type=int, default=env("KV_CACHE_TOKENS", 16384, int))
+    p.add_argument("--max-batch-tokens", type=int, default=env("MAX_BATCH_TOKENS", 1024, int))
+    p.add_argument(
+        "--max-context", type=int, default=env("MAX_CONTEXT", None, int), help="default: the model's"
+    )
+    p.add_argument("--max-top-n", type=int, default=env("MAX_TOP_N", 20, int))
+    p.add_argument("--max-request-bytes", type=int, default=env("MAX_REQUEST_BYTES", 1 << 20, int))
+    p.add_argument(
+        "--grace", type=float, default=env("GRACE", 10.0, float), help="seconds to drain on shutdown"
+    )
+    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"))
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from nextword.server.serve import ServerConfig, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ServerConfig(
+        model=resolve_model(args.model),
+        host=args.host,
+        port=args.port,
+        kv_cache_tokens=args.kv_cache_tokens,
+        max_batch_tokens=args.max_batch_tokens,
+        max_context=args.max_context,
+        max_top_n=args.max_top_n,
+        max_request_bytes=args.max_request_bytes,
+        grace_s=args.grace,
+    )
+    print("nextword: " + ", ".join(f"{k}={v}" for k, v in vars(config).items()), flush=True)
+    return asyncio.run(serve(config))
 
 
 def resolve_model(path: str | None) -> Path:

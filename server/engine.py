@@ -75,7 +75,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     sampler: Sampler | None  # None for a probabilities-only request
-    on_output: Callable[[Step | Distribution], None]
+    on_output: Callable[[Step | Distribution | Exception], None]
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     num_cached: int = 0  # leading tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
@@ -131,7 +131,7 @@ class Engine:
         self,
         prompt_ids: list[int],
         params: SamplingParams,
-        on_output: Callable[[Step | Distribution], None],
+        on_output: Callable[[Step | Distribution | Exception], None],
         *,
         request_id: str | None = None,
         probs_only: bool = False,
@@ -291,6 +291,17 @@ class Engine:
         delta = seq.text[seq.emitted :]
         seq.emitted = len(seq.text)
         seq.on_output(Step(token, delta, finish))
+
+    def fail_all(self, error: Exception) -> None:
+        """Give every live sequence `error` as its last output and free its cache (after a failed step)."""
+        while not self._incoming.empty():
+            self._waiting.append(self._incoming.get())
+        for seq in [*self._running, *self._waiting]:
+            seq.finished = True
+            self.blocks.release(seq.blocks)
+            seq.on_output(error)
+        self._running.clear()
+        self._waiting.clear()
 
     # ---- in-process conveniences (the caller's thread steps the engine) ----
 

@@ -20,6 +20,7 @@ class Tokenizer:
         if not path.is_file():
             raise ModelError(f"{folder}: no tokenizer.json")
         self._tok = HFTokenizer.from_file(str(path))
+        self._token_texts: dict[int, str] = {}
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.chat_template: str | None = cfg.get("chat_template")
@@ -42,7 +43,10 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (U+FFFD where it holds only part of a UTF-8 character)."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        text = self._token_texts.get(token_id)
+        if text is None:  # cached: every streamed step asks for the texts of its top-N alternatives
+            text = self._token_texts[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return text
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
@@ -51,12 +55,15 @@ class Tokenizer:
         """Render chat messages with the model's template, as transformers' apply_chat_template does."""
         if not self.chat_template:
             raise ValueError("this model has no chat template")
-        return _compile_template(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as e:
+            raise ValueError(str(e)) from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template writes the special tokens itself, so none are added (transformers does the same).

@@ -1,0 +1,234 @@
+"""What the client returns: small frozen dataclasses built from the protobuf messages (`from_pb`), so no
+protobuf type leaks out of the client. `to_dict()` gives plain JSON-ready values (used by `--json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nextword.v1 import nextword_pb2 as pb
+
+
+def _plain(value):
+    """Dataclasses, tuples and arrays as dicts, lists and numbers."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+class _ToDict:
+    def to_dict(self) -> dict:
+        """This object as plain dicts, lists, strings and numbers (ready for `json.dumps`)."""
+        return _plain(self)
+
+
+def finish_reason_name(reason: int) -> str:
+    """FINISH_REASON_STOP_TOKEN -> "stop_token" (a value this client does not know -> its number)."""
+    try:
+        return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+    except ValueError:
+        return str(reason)
+
+
+@dataclass(frozen=True)
+class TokenProb(_ToDict):
+    token_id: int
+    text: str
+    prob: float
+    logprob: float
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenProb) -> TokenProb:
+        return cls(m.token_id, m.text, m.prob, m.logprob)
+
+
+@dataclass(frozen=True)
+class SpecialToken(_ToDict):
+    id: int
+    text: str
+
+    @classmethod
+    def from_pb(cls, m: pb.SpecialToken) -> SpecialToken:
+        return cls(m.id, m.text)
+
+
+@dataclass(frozen=True)
+class Token(_ToDict):
+    id: int
+    text: str  # the token's own text; GenerateEvent.text is the safe text to append
+    prob: float
+    logprob: float
+    top: tuple[TokenProb, ...]  # the top_n alternatives, most likely first
+    index: int  # position in the output, from 0
+    elapsed_ms: float  # since the previous token (the first: since the request arrived)
+
+    @classmethod
+    def from_pb(cls, m: pb.Token) -> Token:
+        top = tuple(TokenProb.from_pb(t) for t in m.top)
+        return cls(m.id, m.text, m.prob, m.logprob, top, m.index, m.elapsed_ms)
+
+
+@dataclass(frozen=True)
+class Usage(_ToDict):
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings(_ToDict):
+    queue_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    mean_itl_ms: float
+    total_ms: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed after the first token (0 when unknown)."""
+        return 1000.0 / self.mean_itl_ms if self.mean_itl_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Finish(_ToDict):
+    reason: str  # "length", "eos", "stop", "stop_token" or "cancelled"
+    stop: str  # the matched stop string or stop token text; "" otherwise
+    usage: Usage
+    timings: Timings
+    seed: int
+
+    @classmethod
+    def from_pb(cls, m: pb.Finish) -> Finish:
+        u, t = m.usage, m.timings
+        return cls(
+            reason=finish_reason_name(m.reason),
+            stop=m.stop,
+            usage=Usage(u.prompt_tokens, u.generated_tokens),
+            timings=Timings(t.queue_ms, t.prefill_ms, t.ttft_ms, t.mean_itl_ms, t.total_ms),
+            seed=m.seed,
+        )
+
+
+@dataclass(frozen=True)
+class GenerateEvent(_ToDict):
+    request_id: str
+    token: Token | None  # None on a final event that generated nothing
+    text: str  # UTF-8-safe text to append (can be empty)
+    finish: Finish | None  # set on the last event only
+
+    @classmethod
+    def from_pb(cls, m: pb.GenerateEvent) -> GenerateEvent:
+        token = Token.from_pb(m.token) if m.HasField("token") else None
+        finish = Finish.from_pb(m.finish) if m.HasField("finish") else None
+        return cls(m.request_id, token, m.text, finish)
+
+
+@dataclass(frozen=True)
+class Completion(_ToDict):
+    request_id: str
+    text: str
+    tokens: tuple[Token, ...]
+    finish: Finish
+
+    @classmethod
+    def from_pb(cls, m: pb.CompleteResponse) -> Completion:
+        tokens = tuple(Token.from_pb(t) for t in m.tokens)
+        return cls(m.request_id, m.text, tokens, Finish.from_pb(m.finish))
+
+
+@dataclass(frozen=True)
+class Distribution(_ToDict):
+    top: tuple[TokenProb, ...]  # most likely first
+    logprobs: np.ndarray | None = field(compare=False)  # float32 [vocab_size] with full_vocabulary, else None
+    prompt_tokens: int
+    vocab_size: int
+
+    @classmethod
+    def from_pb(cls, m: pb.NextTokenProbabilitiesResponse) -> Distribution:
+        logprobs = np.frombuffer(m.logprobs, dtype="<f4") if m.logprobs else None  # read-only view
+        return cls(tuple(TokenProb.from_pb(t) for t in m.top), logprobs, m.prompt_tokens, m.vocab_size)
+
+
+@dataclass(frozen=True)
+class Tokenized(_ToDict):
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]  # each token's own text, one per id
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenizeResponse) -> Tokenized:
+        return cls(tuple(m.ids), tuple(m.tokens))
+
+
+@dataclass(frozen=True)
+class Limits(_ToDict):
+    max_top_n: int
+    max_stop_strings: int
+    max_stop_chars: int
+    max_request_bytes: int
+    kv_cache_tokens: int
+
+
+def sampling_dict(m: pb.SamplingParams) -> dict:
+    """The fields of a SamplingParams that are set, by name."""
+    out = {}
+    for f in m.DESCRIPTOR.fields:
+        if f.has_presence and m.HasField(f.name):
+            value = getattr(m, f.name)
+            # a float32 field read back as its shortest decimal: 0.7, not 0.699999988079071
+            out[f.name] = float(str(np.float32(value))) if f.cpp_type == f.CPPTYPE_FLOAT else value
+    if m.logit_bias:
+        out["logit_bias"] = dict(m.logit_bias)
+    if m.stop:
+        out["stop"] = list(m.stop)
+    if m.stop_token_ids:
+        out["stop_token_ids"] = list(m.stop_token_ids)
+    if m.ignore_eos:
+        out["ignore_eos"] = True
+    return out
+
+
+@dataclass(frozen=True)
+class ModelInfo(_ToDict):
+    model_id: str
+    architecture: str
+    vocab_size: int
+    context_length: int
+    eos_token_ids: tuple[int, ...]
+    special_tokens: tuple[SpecialToken, ...]
+    has_chat_template: bool
+    weights_format: str
+    parameters: int
+    limits: Limits
+    defaults: dict = field(hash=False)  # the sampling defaults by field name, plus "max_new_tokens"
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfoResponse) -> ModelInfo:
+        lim = m.limits
+        limits = Limits(
+            lim.max_top_n,
+            lim.max_stop_strings,
+            lim.max_stop_chars,
+            lim.max_request_bytes,
+            lim.kv_cache_tokens,
+        )
+        defaults = sampling_dict(m.defaults.sampling) | {"max_new_tokens": m.defaults.max_new_tokens}
+        return cls(
+            model_id=m.model_id,
+            architecture=m.architecture,
+            vocab_size=m.vocab_size,
+            context_length=m.context_length,
+            eos_token_ids=tuple(m.eos_token_ids),
+            special_tokens=tuple(SpecialToken.from_pb(t) for t in m.special_tokens),
+            has_chat_template=m.has_chat_template,
+            weights_format=m.weights_format,
+            parameters=m.parameters,
+            limits=limits,
+            defaults=defaults,
+        )

@@ -1,0 +1,148 @@
+"""`nextword serve`: the grpc.aio server around the engine thread.
+
+Start-up order: bind the port at once (health NOT_SERVING, RPCs UNAVAILABLE), load the model and compile/warm
+the kernels on a worker thread, start the engine thread, then go SERVING and print one ready line.
+Shutdown (SIGINT/SIGTERM): NOT_SERVING, refuse new requests, let in-flight ones finish within the grace
+period (then they are cancelled and the engine drops them), stop the engine thread, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nextword.server.engine import Engine
+from nextword.server.engine_thread import EngineThread
+from nextword.server.sampling import SamplingParams
+from nextword.server.service import SERVICE_NAME, InferenceService
+from nextword.v1 import nextword_pb2_grpc
+
+log = logging.getLogger("nextword.serve")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    kv_cache_tokens: int = 16384
+    max_batch_tokens: int = 1024
+    max_context: int | None = None  # default: the model's
+    max_top_n: int = 20
+    max_request_bytes: int = 1 << 20
+    grace_s: float = 10.0
+
+
+class NextwordServer:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.service = InferenceService(config.max_request_bytes)
+        self.health = health.aio.HealthServicer()
+        self.runner: EngineThread | None = None
+        self.ready = asyncio.Event()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self.loading: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Bind and start answering (NOT_SERVING); the model loads in the background. Returns the port."""
+        c = self.config
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", c.max_request_bytes),
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            ]
+        )
+        nextword_pb2_grpc.add_InferenceServicer_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, self._server)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(f"{c.host}:{c.port}")
+        await self._server.start()
+        self.loading = asyncio.create_task(self._load())
+        return self.port
+
+    async def _load(self) -> None:
+        started = time.perf_counter()
+        engine = await asyncio.to_thread(self._load_and_warm)
+        self.runner = EngineThread(engine)
+        self.runner.start()
+        self.service.runner = self.runner
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        c = engine.config
+        print(
+            f"nextword: serving {engine.model_id} ({c.model_type}, {c.num_layers} layers, vocab {c.vocab_size}, "
+            f"context {engine.max_context}) on {self.config.host}:{self.port}; "
+            f"ready in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
+
+    def _load_and_warm(self) -> Engine:
+        c = self.config
+        engine = Engine.load(
+            c.model,
+            kv_cache_tokens=c.kv_cache_tokens,
+            max_batch_tokens=c.max_batch_tokens,
+            max_context=c.max_context,
+            max_top_n=c.max_top_n,
+        )
+        # One tiny generation compiles (or loads from the on-disk cache) every kernel before the first client.
+        for _ in engine.generate([0, 1], SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True)):
+            pass
+        return engine
+
+    async def wait_ready(self) -> None:
+        await asyncio.wait(
+            {asyncio.ensure_future(self.ready.wait()), self.loading}, return_when="FIRST_COMPLETED"
+        )
+        if self.loading.done() and self.loading.exception():
+            raise self.loading.exception()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new work, finish or cancel in-flight requests, stop the engine."""
+        await self.health.enter_graceful_shutdown()
+        self.service.draining = True
+        await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+        if self.loading and not self.loading.done():
+            self.loading.cancel()
+        if self.runner:
+            await asyncio.to_thread(self.runner.stop)
+
+
+async def serve(config: ServerConfig) -> int:
+    server = NextwordServer(config)
+    await server.start()
+    print(f"nextword: listening on {config.host}:{server.port}, loading {config.model} ...", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiting = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiting, server.loading}, return_when="FIRST_COMPLETED")
+    if server.loading.done() and server.loading.exception():
+        print(f"nextword: failed to load the model: {server.loading.exception()}", file=sys.stderr)
+        await server.stop(0)
+        return 1
+    await waiting
+    print(f"nextword: shutting down (grace {config.grace_s:.0f} s)", flush=True)
+    await server.stop()
+    print("nextword: stopped", flush=True)
+    return 0

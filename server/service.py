@@ -1,0 +1,328 @@
+"""The gRPC servicer: protobuf in, engine calls, protobuf out. The only server module that touches `_pb2`.
+
+Handlers run on the asyncio event loop and never compute: they validate, tokenize, submit to the engine
+thread and relay its outputs. A handler that ends for any reason (done, client cancel, deadline, disconnect)
+cancels its sequence in `finally`, so the engine drops it at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from nextword.server.engine import Distribution, Step
+from nextword.server.engine_thread import EngineThread
+from nextword.server.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, InvalidParameter, SamplingParams
+from nextword.v1 import nextword_pb2 as pb
+from nextword.v1 import nextword_pb2_grpc
+
+log = logging.getLogger("nextword.requests")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+SAMPLING_FIELDS = [f.name for f in pb.SamplingParams.DESCRIPTOR.fields]
+OPTIONAL_SAMPLING_FIELDS = [f.name for f in pb.SamplingParams.DESCRIPTOR.fields if f.has_presence]
+FINISH_REASONS = {
+    "length": pb.FINISH_REASON_LENGTH,
+    "eos": pb.FINISH_REASON_EOS,
+    "stop": pb.FINISH_REASON_STOP,
+    "stop_token": pb.FINISH_REASON_STOP_TOKEN,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+}
+DEFAULTS = SamplingParams()
+
+
+class RequestError(Exception):
+    """A request the service refuses: a gRPC status code, a message, and the offending field if any."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+    def to_status(self) -> grpc.Status:
+        details = []
+        if self.field:
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=self.field, description=self.message
+            )
+            detail = any_pb2.Any()
+            detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+            details.append(detail)
+        code = getattr(code_pb2, self.code.name)
+        return rpc_status.to_status(status_pb2.Status(code=code, message=self.message, details=details))
+
+
+def _pack(message) -> any_pb2.Any:
+    detail = any_pb2.Any()
+    detail.Pack(message)
+    return detail
+
+
+def invalid(field: str, message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, field)
+
+
+class InferenceService(nextword_pb2_grpc.InferenceServicer):
+    def __init__(self, max_request_bytes: int):
+        self.runner: EngineThread | None = None  # set once the model is loaded and warm
+        self.draining = False
+        self.max_request_bytes = max_request_bytes
+
+    # ---- the RPCs ----
+
+    async def Generate(self, request, context):
+        try:
+            async for event in self._generate(request):
+                yield event
+        except RequestError as e:
+            await context.abort_with_status(e.to_status())
+
+    async def Complete(self, request, context):
+        try:
+            events = [e async for e in self._generate(request)]
+        except RequestError as e:
+            await context.abort_with_status(e.to_status())
+        return pb.CompleteResponse(
+            request_id=events[-1].request_id,
+            text="".join(e.text for e in events),
+            tokens=[e.token for e in events if e.HasField("token")],
+            finish=events[-1].finish,
+        )
+
+    async def NextTokenProbabilities(self, request, context):
+        try:
+            engine = self._engine()
+            prompt = self._prompt(request.prompt)
+            params = SamplingParams(top_n=request.top_n)
+            outputs = await self._run(prompt, params, probs_only=True)
+            dist: Distribution = outputs[0]
+        except RequestError as e:
+            await context.abort_with_status(e.to_status())
+        return pb.NextTokenProbabilitiesResponse(
+            top=[self._token_prob(t) for t in dist.top],
+            logprobs=dist.logprobs.astype("<f4").tobytes() if request.full_vocabulary else b"",
+            prompt_tokens=dist.prompt_tokens,
+            vocab_size=engine.config.vocab_size,
+        )
+
+    async def Tokenize(self, request, context):
+        try:
+            tok = self._engine().tokenizer
+            which = request.WhichOneof("input")
+            if which == "chat":
+                ids = self._chat_ids(request.chat, "chat")
+            elif request.text:
+                ids = tok.encode(request.text)
+            else:
+                raise invalid("text", "give text or chat messages to tokenize")
+        except RequestError as e:
+            await context.abort_with_status(e.to_status())
+        return pb.TokenizeResponse(ids=ids, tokens=[tok.token_text(i) for i in ids])
+
+    async def Detokenize(self, request, context):
+        try:
+            engine = self._engine()
+            self._check_ids(request.ids, "ids")
+        except RequestError as e:
+            await context.abort_with_status(e.to_status())
+        text = engine.tokenizer.decode(request.ids, skip_special_tokens=request.skip_special_tokens)
+        return pb.DetokenizeResponse(text=text)
+
+    async def ModelInfo(self, request, context):
+        try:
+            engine = self._engine()
+        except RequestError as e:
+            await context.abort_with_status(e.to_status())
+        c, tok = engine.config, engine.tokenizer
+        defaults = pb.SamplingParams(
+            **{f: getattr(DEFAULTS, f) for f in OPTIONAL_SAMPLING_FIELDS if getattr(DEFAULTS, f) is not None}
+        )
+        return pb.ModelInfoResponse(
+            model_id=engine.model_id,
+            architecture=c.model_type,
+            vocab_size=c.vocab_size,
+            context_length=engine.max_context,
+            eos_token_ids=sorted(engine.eos_ids),
+            special_tokens=[pb.SpecialToken(id=i, text=tok.token_text(i)) for i in sorted(tok.special_ids)],
+            has_chat_template=bool(tok.chat_template),
+            weights_format="f32",
+            parameters=engine.model.checkpoint.nbytes // 4,
+            limits=pb.Limits(
+                max_top_n=engine.max_top_n,
+                max_stop_strings=MAX_STOP_STRINGS,
+                max_stop_chars=MAX_STOP_CHARS,
+                max_request_bytes=self.max_request_bytes,
+                kv_cache_tokens=engine.blocks.num_blocks * engine.blocks.block_size,
+            ),
+            defaults=pb.Defaults(sampling=defaults, max_new_tokens=DEFAULTS.max_new_tokens),
+        )
+
+    # ---- generation plumbing ----
+
+    async def _generate(self, request):
+        self._engine()  # UNAVAILABLE while loading or draining
+        request_id = request.request_id or uuid.uuid4().hex[:16]
+        prompt = self._prompt(request.prompt)
+        params = self._sampling(request)
+        arrived = last = time.perf_counter()
+        index = 0
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = self._submit(prompt, params, queue, request_id=request_id)
+        try:
+            while True:
+                step = await queue.get()
+                if isinstance(step, Exception):
+                    raise RequestError(grpc.StatusCode.INTERNAL, f"engine failure: {step}")
+                now = time.perf_counter()
+                event = pb.GenerateEvent(request_id=request_id, text=step.text)
+                if step.token is not None:
+                    event.token.CopyFrom(self._token(step, index, (now - last) * 1000))
+                    index, last = index + 1, now
+                if step.finish:
+                    event.finish.CopyFrom(self._finish(step, (now - arrived) * 1000))
+                    _log_request(request_id, step)
+                yield event
+                if step.finish:
+                    return
+        finally:
+            if not seq.finished:  # cancelled, past its deadline, or disconnected: free it at the next step
+                self.runner.cancel(seq)
+                log.info("request %s: cancelled by the client after %d tokens", request_id, index)
+
+    async def _run(self, prompt, params, **kwargs) -> list:
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = self._submit(prompt, params, queue, **kwargs)
+        try:
+            return [await queue.get()]
+        finally:
+            if not seq.finished:
+                self.runner.cancel(seq)
+
+    def _submit(self, prompt, params, queue: asyncio.Queue, **kwargs):
+        loop = asyncio.get_running_loop()
+        try:
+            return self.runner.submit(
+                prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), **kwargs
+            )
+        except InvalidParameter as e:
+            raise invalid(_proto_field(e.field), str(e)) from None
+
+    def _engine(self):
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down", retry_after_s=1.0)
+        if self.runner is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", retry_after_s=1.0)
+        return self.runner.engine
+
+    # ---- protobuf -> domain ----
+
+    def _prompt(self, prompt) -> list[int]:
+        which = prompt.WhichOneof("input")
+        if which is None:
+            raise invalid("prompt", "prompt is required: set prompt.text, prompt.token_ids or prompt.chat")
+        if which == "text":
+            if not prompt.text:
+                raise invalid("prompt.text", "prompt.text is empty")
+            return self.runner.engine.tokenizer.encode(prompt.text)
+        if which == "token_ids":
+            self._check_ids(prompt.token_ids.ids, "prompt.token_ids")
+            return list(prompt.token_ids.ids)
+        return self._chat_ids(prompt.chat, "prompt.chat")
+
+    def _chat_ids(self, chat, field: str) -> list[int]:
+        tok = self.runner.engine.tokenizer
+        if not tok.chat_template:
+            raise invalid(field, "this model has no chat template")
+        if not chat.messages:
+            raise invalid(field + ".messages", "no chat messages")
+        for i, m in enumerate(chat.messages):
+            if not m.role:
+                raise invalid(f"{field}.messages[{i}].role", f"message {i} has no role")
+        messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        try:
+            return tok.encode_chat(messages)
+        except ValueError as e:  # the template refused the conversation (raise_exception in the template)
+            raise invalid(field, f"the chat template failed: {e}") from None
+
+    def _check_ids(self, ids, field: str) -> None:
+        V = self.runner.engine.config.vocab_size
+        if not ids:
+            raise invalid(field, f"{field} is empty")
+        bad = next((i for i in ids if not 0 <= i < V), None)
+        if bad is not None:
+            raise invalid(field, f"{field}: token id {bad} is outside the vocabulary [0, {V})")
+
+    def _sampling(self, request) -> SamplingParams:
+        s = request.sampling
+        given = {f: getattr(s, f) for f in OPTIONAL_SAMPLING_FIELDS if s.HasField(f)}
+        given |= {
+            "logit_bias": tuple(sorted(s.logit_bias.items())),
+            "stop": tuple(s.stop),
+            "stop_token_ids": tuple(s.stop_token_ids),
+            "ignore_eos": s.ignore_eos,
+            "top_n": request.top_n,
+        }
+        if request.HasField("max_new_tokens"):
+            given["max_new_tokens"] = request.max_new_tokens
+        return SamplingParams(**given)
+
+    # ---- domain -> protobuf ----
+
+    def _token_prob(self, t) -> pb.TokenProb:
+        text = self.runner.engine.tokenizer.token_text(t.token_id)
+        return pb.TokenProb(token_id=t.token_id, text=text, prob=t.prob, logprob=t.logprob)
+
+    def _token(self, step: Step, index: int, elapsed_ms: float) -> pb.Token:
+        t = step.token
+        return pb.Token(
+            id=t.token_id,
+            text=self.runner.engine.tokenizer.token_text(t.token_id),
+            prob=t.prob,
+            logprob=t.logprob,
+            top=[self._token_prob(a) for a in t.top],
+            index=index,
+            elapsed_ms=elapsed_ms,
+        )
+
+    def _finish(self, step: Step, total_ms: float) -> pb.Finish:
+        f = step.finish
+        return pb.Finish(
+            reason=FINISH_REASONS[f.reason],
+            stop=f.stop or "",
+            usage=pb.Usage(prompt_tokens=f.prompt_tokens, generated_tokens=f.generated_tokens),
+            timings=pb.Timings(
+                queue_ms=f.queue_s * 1000,
+                prefill_ms=f.prefill_s * 1000,
+                ttft_ms=f.ttft_s * 1000,
+                mean_itl_ms=f.mean_itl_s * 1000,
+                total_ms=total_ms,
+            ),
+            seed=f.seed,
+        )
+
+
+def _proto_field(name: str) -> str:
+    """The proto path of a SamplingParams / engine field name."""
+    if name in SAMPLING_FIELDS:
+        return "sampling." + name
+    return name
+
+
+def _log_request(request_id: str, step: Step) -> None:
+    f = step.finish
+    rate = 1 / f.mean_itl_s if f.mean_itl_s else 0.0
+    log.info(
+        "request %s: %d prompt + %d generated tokens, finish=%s, ttft=%.0f ms, %.1f tokens/s",
+        request_id,
+        f.prompt_tokens,
+        f.generated_tokens,
+        f.reason,
+        f.ttft_s * 1000,
+        rate,
+    )

@@ -1,0 +1,258 @@
+"""End to end over loopback: the real default model behind the gRPC service, called through the thin client."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from nextword.client import Client, DeadlineExceeded, InvalidArgument, NextwordError
+from nextword.server.sampling import SamplingParams
+from nextword.server.serve import NextwordServer, ServerConfig
+
+pytestmark = pytest.mark.real_model
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "Once upon a time, there was a little robot who",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "import numpy as np\n\n",
+    "My favourite fruit is",
+    "1, 2, 3, 4,",
+]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_folder):
+    """A server on a free port, run by an event loop on a background thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro, timeout=120):
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    srv = NextwordServer(ServerConfig(model=smollm2_folder, port=0, kv_cache_tokens=8192, grace_s=1))
+    run(srv.start())
+    run(srv.wait_ready())
+    yield srv
+    run(srv.stop(1))
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+@pytest.fixture
+def client(server):
+    with Client(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+def wait_idle(server, timeout=5.0):
+    """The engine's count of live sequences returns to zero (polled: it drops them at its next step)."""
+    engine = server.runner.engine
+    deadline = time.monotonic() + timeout
+    while engine.live_sequences and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.live_sequences
+
+
+def test_streamed_greedy_text_equals_in_process(client, smollm2):
+    params = SamplingParams(temperature=0.0, max_new_tokens=24)
+    expect = list(smollm2.generate(PROMPTS[0], params))
+    events = list(client.generate(PROMPTS[0], max_new_tokens=24, temperature=0.0, top_n=3))
+    assert [e.token.id for e in events] == [s.token.token_id for s in expect]
+    assert "".join(e.text for e in events) == "".join(s.text for s in expect)
+    final = events[-1].finish
+    assert final.reason == expect[-1].finish.reason
+    assert final.usage.prompt_tokens == 5 and final.usage.generated_tokens == len(events)
+    assert final.timings.ttft_ms > 0 and final.timings.total_ms >= final.timings.ttft_ms
+    assert [e.token.index for e in events] == list(range(len(events)))
+
+
+def test_step_probabilities_agree_with_next_token_probabilities(client):
+    events = list(client.generate(PROMPTS[1], max_new_tokens=6, temperature=0.0, top_n=5))
+    prefix = client.tokenize(PROMPTS[1]).ids
+    for e in events:
+        dist = client.next_token_probabilities(list(prefix), top_n=5)
+        assert [t.token_id for t in e.token.top] == [t.token_id for t in dist.top]
+        np.testing.assert_allclose([t.prob for t in e.token.top], [t.prob for t in dist.top], atol=1e-4)
+        assert e.token.id == dist.top[0].token_id  # greedy
+        prefix = (*prefix, e.token.id)
+
+
+def test_full_vocabulary_distribution(client, smollm2):
+    dist = client.next_token_probabilities(PROMPTS[0], top_n=3, full_vocabulary=True)
+    expect = smollm2.next_token_probabilities(PROMPTS[0], top_n=3)
+    assert dist.logprobs.shape == (49152,) and dist.logprobs.dtype == np.float32
+    np.testing.assert_allclose(dist.logprobs, expect.logprobs, atol=1e-4)
+    assert np.exp(dist.logprobs.astype(np.float64)).sum() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_tokenize_detokenize_round_trip(client, smollm2):
+    text = "Héllo wörld! 2024 ½ 日本語 😀\n  indented"
+    tokens = client.tokenize(text)
+    assert list(tokens.ids) == smollm2.tokenizer.encode(text)
+    assert len(tokens.tokens) == len(tokens.ids)
+    assert client.detokenize(list(tokens.ids)) == text
+    chat = [{"role": "user", "content": "Hi"}]
+    assert list(client.tokenize(chat).ids) == smollm2.tokenizer.encode_chat(chat)
+    assert client.detokenize([1, 504, 2], skip_special_tokens=True) == "The"
+
+
+def test_complete_and_chat(client):
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    done = client.complete(chat, max_new_tokens=30, temperature=0.0)
+    assert "Paris" in done.text
+    assert done.finish.reason in ("eos", "length")
+    assert len(done.tokens) == done.finish.usage.generated_tokens
+
+
+def test_stop_string_and_seed(client):
+    done = client.complete(PROMPTS[0], max_new_tokens=20, temperature=0.0, stop=["."])
+    assert done.text == " Paris" and done.finish.reason == "stop" and done.finish.stop == "."
+    a = client.complete(PROMPTS[2], max_new_tokens=12, temperature=1.0, seed=7)
+    b = client.complete(PROMPTS[2], max_new_tokens=12, temperature=1.0, seed=7)
+    assert a.text == b.text and a.finish.seed == 7
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert info.model_id == "SmolLM2-135M-Instruct" and info.architecture == "llama"
+    assert info.vocab_size == 49152 and info.context_length == 8192
+    assert info.limits.max_top_n == 20 and info.has_chat_template
+    assert 2 in info.eos_token_ids
+
+
+@pytest.mark.parametrize(
+    "prompt,kwargs,field,words",
+    [
+        ("hi", {"max_new_tokens": 9000}, "max_new_tokens", ["9000", "8192", "1 tokens"]),
+        ("", {}, "prompt.text", ["empty"]),
+        ([5, 49152], {}, "prompt.token_ids", ["49152"]),
+        ([], {}, "prompt.token_ids", ["empty"]),
+        ("hi", {"top_n": 21}, "top_n", ["21"]),
+        ("hi", {"temperature": -0.5}, "sampling.temperature", ["-0.5"]),
+        ("hi", {"top_p": 0.0}, "sampling.top_p", ["(0, 1]"]),
+        ("hi", {"top_p": 1.5}, "sampling.top_p", ["1.5"]),
+        ("hi", {"max_new_tokens": 0}, "max_new_tokens", ["max_new_tokens"]),
+        ("hi", {"logit_bias": {70000: 1.0}}, "sampling.logit_bias", ["70000"]),
+        ([{"role": "", "content": "x"}], {}, "prompt.chat.messages[0].role", ["role"]),
+    ],
+)
+def test_invalid_fields_are_named(client, server, prompt, kwargs, field, words):
+    with pytest.raises(InvalidArgument) as e:
+        list(client.generate(prompt, **kwargs))
+    assert e.value.code_name == "INVALID_ARGUMENT" and e.value.field == field
+    for word in words:
+        assert word in e.value.message
+    assert wait_idle(server) == 0
+
+
+def test_oversized_message_is_refused(client):
+    with pytest.raises(NextwordError) as e:
+        client.complete("word " * 300_000)
+    assert e.value.code_name == "RESOURCE_EXHAUSTED"
+    assert client.complete(PROMPTS[0], max_new_tokens=2).finish.usage.generated_tokens == 2  # still serving
+
+
+def test_client_cancel_after_three_tokens_frees_the_sequence(client, server):
+    events = client.generate(PROMPTS[2], max_new_tokens=500, ignore_eos=True)
+    got = [next(events) for _ in range(3)]
+    assert all(e.token for e in got)
+    events.close()  # cancels the RPC
+    assert wait_idle(server) == 0
+
+
+def test_deadline_frees_the_sequence(client, server):
+    with pytest.raises(DeadlineExceeded):
+        list(client.generate(PROMPTS[2], max_new_tokens=500, ignore_eos=True, timeout=0.2))
+    assert wait_idle(server) == 0
+
+
+def test_eight_concurrent_clients(server, smollm2):
+    expect = {
+        p: "".join(s.text for s in smollm2.generate(p, SamplingParams(temperature=0.0, max_new_tokens=16)))
+        for p in PROMPTS
+    }
+
+    def one(prompt):
+        with Client(f"127.0.0.1:{server.port}") as c:
+            return prompt, "".join(e.text for e in c.generate(prompt, max_new_tokens=16, temperature=0.0))
+
+    with ThreadPoolExecutor(8) as pool:
+        results = dict(pool.map(one, PROMPTS))
+    assert results == expect
+    assert wait_idle(server) == 0
+
+
+def test_reflection_lists_the_service(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "nextword.v1.Inference" in services and "grpc.health.v1.Health" in services
+
+
+def test_generated_code_is_not_stale(tmp_path):
+    root = Path(__file__).parent.parent
+    sys.path.insert(0, str(root / "proto"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    fresh = generate.main(out=tmp_path)
+    for path in fresh:
+        installed = root / "proto" / path.relative_to(tmp_path)
+        assert installed.read_bytes() == path.read_bytes(), (
+            f"{installed} is stale: run python proto/generate.py"
+        )
+
+
+def test_serve_command_health_and_graceful_shutdown(smollm2_folder):
+    """`nextword serve`: NOT_SERVING until loaded and warm, then SERVING and one ready line; SIGTERM drains an
+    in-flight stream and exits 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nextword.client.cli", "serve", "--model", str(smollm2_folder), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]  # the configuration, then "listening on"
+        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", lines[1]).group(1))
+        seen = []
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest(service="nextword.v1.Inference")).status
+                if not seen or seen[-1] != status:
+                    seen.append(status)
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                time.sleep(0.02)
+        assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
+        assert "ready in" in proc.stdout.readline()
+
+        with Client(f"127.0.0.1:{port}") as c:
+            events = c.generate(PROMPTS[0], max_new_tokens=40, ignore_eos=True)
+            next(events)
+            proc.send_signal(signal.SIGTERM)
+            rest = list(events)  # the in-flight stream finishes within the grace period
+        assert rest[-1].finish.reason == "length"
+        assert proc.wait(30) == 0
+        out = proc.stdout.read()
+        assert "shutting down" in out and "stopped" in out
+    finally:
+        proc.kill()
