@@ -4,9 +4,11 @@ from nextword.client import Client
 
 with Client("127.0.0.1:50051") as c:
     print(c.complete("The capital of France is", max_new_tokens=8).text)
+
+`nextword.client.load` is the load generator behind `nextword load` (`run_load(LoadConfig(...))`).
 """
 
-from nextword.client.client import DEFAULT_TARGET, AsyncClient, Client
+from nextword.client.client import DEFAULT_TARGET, AsyncClient, AsyncSession, Client, Session
 from nextword.client.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -24,6 +26,7 @@ from nextword.client.types import (
     GenerateEvent,
     Limits,
     ModelInfo,
+    SessionError,
     SpecialToken,
     Timings,
     Token,
@@ -35,6 +38,7 @@ from nextword.client.types import (
 __all__ = [
     "DEFAULT_TARGET",
     "AsyncClient",
+    "AsyncSession",
     "Cancelled",
     "Client",
     "Completion",
@@ -48,6 +52,8 @@ __all__ = [
     "ModelInfo",
     "NextwordError",
     "ResourceExhausted",
+    "Session",
+    "SessionError",
     "SpecialToken",
     "Timings",
     "Token",

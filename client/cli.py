@@ -4,6 +4,7 @@ from nextword.server only when used, so the client never pulls in numba."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -97,6 +98,87 @@ def add_client_commands(commands) -> None:
 
     p = commands.add_parser("info", parents=[common], help="the served model, its limits and defaults")
     p.set_defaults(run=run_info)
+
+    add_load_command(commands, common)
+
+
+def token_range(text: str) -> tuple[int, int]:
+    """Parse "A:B" into (A, B), for the --*-tokens-range flags."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (two token counts), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 1 <= A <= B, got {text!r}")
+    return low, high
+
+
+def add_load_command(commands, common: argparse.ArgumentParser) -> None:
+    p = commands.add_parser(
+        "load",
+        parents=[common],
+        help="load-test a server: TTFT, ITL, TPOT, E2E latency, throughput, errors by status",
+        description="Load-test a server, closed loop (--concurrency) or open loop (--rate). Latencies are "
+        "measured from each request's scheduled send time. Progress goes to stderr; the result table (or "
+        "--json) to stdout. --timeout is the deadline of each request.",
+    )
+    g = p.add_argument_group("load")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--concurrency",
+        type=int,
+        help="closed loop: N workers, each sends when its previous request ended (default 1)",
+    )
+    mode.add_argument(
+        "--rate", type=float, help="open loop: Poisson arrivals at R requests/s, sent on schedule"
+    )
+    g.add_argument(
+        "--max-inflight",
+        type=int,
+        default=256,
+        help="open loop: requests in flight at most; an arrival beyond waits, counted (default 256)",
+    )
+    g.add_argument("--num-requests", type=int, help="measured requests (default 100 unless --duration)")
+    g.add_argument("--duration", type=float, help="seconds of sending (in-flight requests then finish)")
+    g.add_argument("--warmup", type=int, default=0, help="requests sent first and not counted (default 0)")
+    g.add_argument(
+        "--channels", type=int, help="gRPC channels (connections), round-robin (default min(concurrency, 8))"
+    )
+    g.add_argument("--scenario", choices=("plain", "cancel-storm", "typist"), default="plain")
+    g.add_argument(
+        "--cancel-fraction",
+        type=float,
+        default=0.5,
+        help="cancel-storm: fraction of requests cancelled after 1-5 tokens (default 0.5)",
+    )
+    g.add_argument(
+        "--keystroke-ms", type=float, default=50.0, help="typist: ms between keystrokes (default 50)"
+    )
+    g.add_argument(
+        "--keystroke-tokens",
+        type=int,
+        default=16,
+        help="typist: max_new_tokens of each keystroke (default 16)",
+    )
+    g.add_argument("--detailed", action="store_true", help="with --json: add every request's record")
+
+    g = p.add_argument_group("requests")
+    prompt = g.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-tokens", type=int, metavar="L", help="prompt length in tokens (default 32)")
+    prompt.add_argument("--prompt-tokens-range", type=token_range, metavar="A:B", help="uniform in [A, B]")
+    output = g.add_mutually_exclusive_group()
+    output.add_argument("--output-tokens", type=int, metavar="M", help="tokens generated (default 32)")
+    output.add_argument("--output-tokens-range", type=token_range, metavar="A:B", help="uniform in [A, B]")
+    g.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="T",
+        help="every prompt starts with the same T tokens (exercises the prefix cache)",
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, and the load's own randomness")
+    p.set_defaults(run=run_load)
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -237,6 +319,60 @@ def run_info(args: argparse.Namespace) -> int:
     for name, value in rows.items():
         print(f"{name + ':':<16}{value}")
     return 0
+
+
+def _first_set(*values):
+    return next(v for v in values if v is not None)
+
+
+def run_load(args: argparse.Namespace) -> int:
+    from nextword.client import load
+
+    try:
+        config = load.LoadConfig(
+            target=args.target,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            max_inflight=args.max_inflight,
+            num_requests=args.num_requests,
+            duration=args.duration,
+            warmup=args.warmup,
+            prompt_tokens=_first_set(args.prompt_tokens_range, args.prompt_tokens, 32),
+            output_tokens=_first_set(args.output_tokens_range, args.output_tokens, 32),
+            temperature=args.temperature,
+            seed=args.seed,
+            shared_prefix=args.shared_prefix,
+            scenario=args.scenario,
+            cancel_fraction=args.cancel_fraction,
+            keystroke_ms=args.keystroke_ms,
+            keystroke_tokens=args.keystroke_tokens,
+            channels=args.channels,
+            timeout=args.timeout,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    live = sys.stderr.isatty()  # a live line on a terminal; plain periodic lines otherwise
+    config.progress_interval = 0.5 if live else 5.0
+
+    def progress(p) -> None:
+        line = load.format_progress(p)
+        if live:
+            print(f"\r{line}\x1b[K", end="\n" if p.phase == "done" else "", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        result = asyncio.run(load.run_load(config, progress))
+    except ValueError as e:  # e.g. prompt + output longer than the model's context
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = result.to_dict(detailed=args.detailed)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(load.format_result(summary), flush=True)
+    return 0 if summary["completed"] and summary["healthy_after"] is not False else 1
 
 
 def print_error(e: NextwordError) -> None:

@@ -5,21 +5,40 @@
             print(event.text, end="", flush=True)
 
 `AsyncClient` has the same methods on grpc.aio. Every failed call raises a typed `NextwordError`.
+
+`session()` opens the bidirectional Session RPC (for editors: one prompt per keystroke, each superseding the
+one in flight):
+
+    async with client.session() as s:
+        await s.send("def fib(n):", max_new_tokens=16, max_lines=1)
+        async for item in s:  # GenerateEvent, or SessionError for a request that failed in-band
+            ...
 """
 
 from __future__ import annotations
 
 import asyncio
 import operator
+import queue
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import wrappers_pb2
 
-from nextword.client.errors import DeadlineExceeded, Unavailable, from_rpc_error
-from nextword.client.types import Completion, Distribution, GenerateEvent, ModelInfo, Tokenized
+from nextword.client.errors import DeadlineExceeded, NextwordError, Unavailable, from_rpc_error
+from nextword.client.types import (
+    Completion,
+    Distribution,
+    GenerateEvent,
+    ModelInfo,
+    SessionError,
+    Tokenized,
+    session_item,
+)
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc
 
@@ -96,14 +115,30 @@ def sampling_pb(sampling: Mapping) -> pb.SamplingParams:
 
 
 def generate_request(
-    prompt: Prompt, *, max_new_tokens: int | None, top_n: int, request_id: str, sampling: Mapping
+    prompt: Prompt,
+    *,
+    max_new_tokens: int | None,
+    top_n: int,
+    request_id: str,
+    sampling: Mapping,
+    max_time_ms: int | None = None,
+    max_lines: int | None = None,
 ) -> pb.GenerateRequest:
+    """A GenerateRequest; None leaves max_new_tokens, max_time_ms and max_lines unset."""
     request = pb.GenerateRequest(
         request_id=request_id, prompt=prompt_pb(prompt), sampling=sampling_pb(sampling), top_n=top_n
     )
     if max_new_tokens is not None:
         request.max_new_tokens = max_new_tokens
+    if max_time_ms is not None:
+        request.max_time_ms = max_time_ms
+    if max_lines is not None:
+        request.max_lines = max_lines
     return request
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 def tokenize_request(text_or_chat: str | Sequence[Mapping[str, str]]) -> pb.TokenizeRequest:
@@ -168,6 +203,8 @@ class Client(_ClientBase):
         top_n: int = 0,
         request_id: str = "",
         timeout: float | None = None,
+        max_time_ms: int | None = None,
+        max_lines: int | None = None,
         **sampling,
     ) -> Iterator[GenerateEvent]:
         """Stream one event per generated token; the last event carries `finish`.
@@ -178,6 +215,10 @@ class Client(_ClientBase):
             top_n: alternatives reported with each token.
             request_id: echoed in every event (the server makes one up when empty).
             timeout: deadline of the whole stream, in seconds (None: the client's default).
+            max_time_ms: stop after this many milliseconds from arrival (finish reason "time"); None or 0:
+                no limit.
+            max_lines: stop once the output holds this many complete lines (finish reason "lines"); None
+                or 0: no limit.
             **sampling: SamplingParams fields (temperature, top_k, top_p, min_p, repetition_penalty,
                 presence_penalty, frequency_penalty, logit_bias, seed, stop, stop_token_ids, ignore_eos);
                 None leaves a field to the server's default.
@@ -187,7 +228,13 @@ class Client(_ClientBase):
             leaving a for loop early) cancels it.
         """
         request = generate_request(
-            prompt, max_new_tokens=max_new_tokens, top_n=top_n, request_id=request_id, sampling=sampling
+            prompt,
+            max_new_tokens=max_new_tokens,
+            top_n=top_n,
+            request_id=request_id,
+            sampling=sampling,
+            max_time_ms=max_time_ms,
+            max_lines=max_lines,
         )
         return self._stream(request, self._deadline(timeout))
 
@@ -209,13 +256,31 @@ class Client(_ClientBase):
         top_n: int = 0,
         request_id: str = "",
         timeout: float | None = None,
+        max_time_ms: int | None = None,
+        max_lines: int | None = None,
         **sampling,
     ) -> Completion:
         """The same as `generate`, answered once with the whole result."""
         request = generate_request(
-            prompt, max_new_tokens=max_new_tokens, top_n=top_n, request_id=request_id, sampling=sampling
+            prompt,
+            max_new_tokens=max_new_tokens,
+            top_n=top_n,
+            request_id=request_id,
+            sampling=sampling,
+            max_time_ms=max_time_ms,
+            max_lines=max_lines,
         )
         return Completion.from_pb(self._call(self._stub.Complete, request, timeout))
+
+    def session(self, *, timeout: float | None = None) -> Session:
+        """Open a Session: `send()` one request per keystroke, iterate for GenerateEvent / SessionError items.
+
+        Each new request supersedes the one in flight (finish reason "superseded"). A reader thread receives
+        the events; `close()` half-closes and waits for the server to end the stream. Use it as a context
+        manager (`with c.session() as s:`), which closes it (or cancels it when the block raises).
+        `timeout` is the deadline of the whole session (None: the client's default).
+        """
+        return Session(self._stub, self._deadline(timeout))
 
     def next_token_probabilities(
         self, prompt: Prompt, top_n: int = 10, full_vocabulary: bool = False, *, timeout: float | None = None
@@ -301,12 +366,20 @@ class AsyncClient(_ClientBase):
         top_n: int = 0,
         request_id: str = "",
         timeout: float | None = None,
+        max_time_ms: int | None = None,
+        max_lines: int | None = None,
         **sampling,
     ) -> AsyncIterator[GenerateEvent]:
         """See `Client.generate`. `aclose()` (or `contextlib.aclosing`) cancels the RPC at once; an iterator
         left behind by `break` is cancelled when asyncio finalizes it."""
         request = generate_request(
-            prompt, max_new_tokens=max_new_tokens, top_n=top_n, request_id=request_id, sampling=sampling
+            prompt,
+            max_new_tokens=max_new_tokens,
+            top_n=top_n,
+            request_id=request_id,
+            sampling=sampling,
+            max_time_ms=max_time_ms,
+            max_lines=max_lines,
         )
         return self._stream(request, self._deadline(timeout))
 
@@ -330,12 +403,25 @@ class AsyncClient(_ClientBase):
         top_n: int = 0,
         request_id: str = "",
         timeout: float | None = None,
+        max_time_ms: int | None = None,
+        max_lines: int | None = None,
         **sampling,
     ) -> Completion:
         request = generate_request(
-            prompt, max_new_tokens=max_new_tokens, top_n=top_n, request_id=request_id, sampling=sampling
+            prompt,
+            max_new_tokens=max_new_tokens,
+            top_n=top_n,
+            request_id=request_id,
+            sampling=sampling,
+            max_time_ms=max_time_ms,
+            max_lines=max_lines,
         )
         return Completion.from_pb(await self._call(self._stub.Complete, request, timeout))
+
+    def session(self, *, timeout: float | None = None) -> AsyncSession:
+        """See `Client.session`: the Session RPC on this loop (`async with c.session() as s:`). A reader task
+        receives the events; `await s.close()` half-closes and waits for the server to end the stream."""
+        return AsyncSession(self._stub, self._deadline(timeout))
 
     async def next_token_probabilities(
         self, prompt: Prompt, top_n: int = 10, full_vocabulary: bool = False, *, timeout: float | None = None
@@ -375,3 +461,234 @@ class AsyncClient(_ClientBase):
                 return
             await asyncio.sleep(max(0.0, min(interval, deadline - time.monotonic())))
         raise TimeoutError(f"{self.target} is not SERVING after {timeout} s (last status: {status})")
+
+
+# ---- sessions ----
+
+_END = object()  # the end of a session's stream (or of its requests)
+SessionItem = GenerateEvent | SessionError
+
+
+class _SessionBase:
+    """What the sync and asyncio sessions share: building requests and the end-of-stream bookkeeping."""
+
+    def __init__(self):
+        self._closed = False  # half-closed by close(): no more send()
+        self._cancelled = False
+        self._error: NextwordError | None = None  # the status the stream ended with, when not OK
+        self._error_seen = False  # the error was raised to an iterating caller
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the session is closed")
+
+    def _failed(self, e: grpc.RpcError) -> NextwordError | None:
+        """The typed error of a stream that ended badly (None when we cancelled it ourselves)."""
+        if self._cancelled:
+            return None
+        self._error = from_rpc_error(e)
+        return self._error
+
+    def _take(self, item):
+        """What iteration does with a queued item: return an event, or raise at the end / on an error."""
+        if isinstance(item, NextwordError):
+            self._error_seen = True
+            raise item
+        return item
+
+    def _raise_unseen(self) -> None:
+        if self._error is not None and not self._error_seen:
+            self._error_seen = True
+            raise self._error
+
+
+class AsyncSession(_SessionBase):
+    """The Session RPC on asyncio (from `AsyncClient.session()`).
+
+    `await send(prompt, **kwargs)` writes one request and returns its id; `async for item in session` yields
+    GenerateEvent and SessionError items in arrival order and ends when the server ends the stream (after
+    `close()`); a failed stream raises its `NextwordError` there. `close()` half-closes and waits for the end;
+    `cancel()` drops the RPC at once.
+    """
+
+    def __init__(self, stub: nextword_pb2_grpc.InferenceStub, timeout: float | None):
+        super().__init__()
+        self._call = stub.Session(timeout=timeout)
+        self._items: asyncio.Queue = asyncio.Queue()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        call, put = self._call, self._items.put_nowait
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                item = session_item(message)
+                if item is not None:
+                    put(item)
+        except grpc.RpcError as e:
+            if (error := self._failed(e)) is not None:
+                put(error)
+        except asyncio.CancelledError:  # cancel(): the call's read raises this
+            pass
+        finally:
+            put(_END)
+
+    async def send(
+        self,
+        prompt: Prompt,
+        *,
+        request_id: str = "",
+        max_new_tokens: int | None = None,
+        top_n: int = 0,
+        max_time_ms: int | None = None,
+        max_lines: int | None = None,
+        **sampling,
+    ) -> str:
+        """Send one request (the keywords of `AsyncClient.generate`); returns its id (made up when empty).
+
+        Raises:
+            RuntimeError: the session is closed.
+            NextwordError: the stream has already failed.
+        """
+        self._check_open()
+        request = generate_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            top_n=top_n,
+            request_id=request_id or new_request_id(),
+            sampling=sampling,
+            max_time_ms=max_time_ms,
+            max_lines=max_lines,
+        )
+        try:
+            await self._call.write(request)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        except asyncio.InvalidStateError:  # the stream ended (cancelled, or the server closed it)
+            raise RuntimeError("the session has ended") from None
+        return request.request_id
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> SessionItem:
+        item = await self._items.get()
+        if item is _END:
+            self._items.put_nowait(_END)  # every later iteration ends too
+            raise StopAsyncIteration
+        return self._take(item)
+
+    async def close(self) -> None:
+        """Half-close (no more requests) and wait until the server has sent everything; the remaining items
+        stay available to iteration. Raises the stream's error if no iteration has raised it yet."""
+        if not self._closed:
+            self._closed = True
+            try:
+                await self._call.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError):  # already over: the reader has the status
+                pass
+        await self._reader
+        self._raise_unseen()
+
+    def cancel(self) -> None:
+        """Drop the RPC now: every request in flight stops at the server's next step; iteration ends."""
+        self._cancelled = self._closed = True
+        self._call.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            self.cancel()
+            await self._reader
+
+
+class Session(_SessionBase):
+    """The Session RPC, blocking (from `Client.session()`): the same methods as `AsyncSession`, served by a
+    reader thread and two queues."""
+
+    def __init__(self, stub: nextword_pb2_grpc.InferenceStub, timeout: float | None):
+        super().__init__()
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = stub.Session(iter(self._requests.get, _END), timeout=timeout)
+        self._reader = threading.Thread(target=self._read, name="nextword-session", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for message in self._call:
+                item = session_item(message)
+                if item is not None:
+                    self._items.put(item)
+        except grpc.RpcError as e:
+            if (error := self._failed(e)) is not None:
+                self._items.put(error)
+        finally:
+            self._items.put(_END)
+
+    def send(
+        self,
+        prompt: Prompt,
+        *,
+        request_id: str = "",
+        max_new_tokens: int | None = None,
+        top_n: int = 0,
+        max_time_ms: int | None = None,
+        max_lines: int | None = None,
+        **sampling,
+    ) -> str:
+        """See `AsyncSession.send`."""
+        self._check_open()
+        request = generate_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            top_n=top_n,
+            request_id=request_id or new_request_id(),
+            sampling=sampling,
+            max_time_ms=max_time_ms,
+            max_lines=max_lines,
+        )
+        if not self._reader.is_alive():
+            self._raise_unseen()
+            raise RuntimeError("the session has ended")
+        self._requests.put(request)
+        return request.request_id
+
+    def __iter__(self) -> Iterator[SessionItem]:
+        return self
+
+    def __next__(self) -> SessionItem:
+        item = self._items.get()
+        if item is _END:
+            self._items.put(_END)
+            raise StopIteration
+        return self._take(item)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Half-close and wait (at most `timeout` seconds) for the end of the stream (see
+        `AsyncSession.close`)."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(_END)
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            raise TimeoutError(f"the session did not end within {timeout} s")
+        self._raise_unseen()
+
+    def cancel(self) -> None:
+        self._cancelled = self._closed = True
+        self._call.cancel()
+        self._requests.put(_END)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.cancel()
+            self._reader.join()

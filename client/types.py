@@ -80,6 +80,7 @@ class Token(_ToDict):
 class Usage(_ToDict):
     prompt_tokens: int
     generated_tokens: int
+    cached_prompt_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ class Timings(_ToDict):
 
 @dataclass(frozen=True)
 class Finish(_ToDict):
-    reason: str  # "length", "eos", "stop", "stop_token" or "cancelled"
+    # "length", "eos", "stop", "stop_token", "cancelled", "time" (max_time_ms), "lines" (max_lines) or
+    # "superseded" (a newer request of the same Session replaced this one)
+    reason: str
     stop: str  # the matched stop string or stop token text; "" otherwise
     usage: Usage
     timings: Timings
@@ -110,7 +113,7 @@ class Finish(_ToDict):
         return cls(
             reason=finish_reason_name(m.reason),
             stop=m.stop,
-            usage=Usage(u.prompt_tokens, u.generated_tokens),
+            usage=Usage(u.prompt_tokens, u.generated_tokens, u.cached_prompt_tokens),
             timings=Timings(t.queue_ms, t.prefill_ms, t.ttft_ms, t.mean_itl_ms, t.total_ms),
             seed=m.seed,
         )
@@ -128,6 +131,30 @@ class GenerateEvent(_ToDict):
         token = Token.from_pb(m.token) if m.HasField("token") else None
         finish = Finish.from_pb(m.finish) if m.HasField("finish") else None
         return cls(m.request_id, token, m.text, finish)
+
+
+@dataclass(frozen=True)
+class SessionError(_ToDict):
+    """A request of a Session that failed in-band; the session goes on."""
+
+    request_id: str
+    code_name: str  # the status the same request would get from Generate, e.g. "INVALID_ARGUMENT"
+    message: str
+    field: str | None  # the offending field, for INVALID_ARGUMENT; None otherwise
+
+    @classmethod
+    def from_pb(cls, m: pb.SessionError) -> SessionError:
+        return cls(m.request_id, m.code, m.message, m.field or None)
+
+
+def session_item(m: pb.SessionEvent) -> GenerateEvent | SessionError | None:
+    """A SessionEvent as a GenerateEvent or a SessionError (None: an event kind this client does not know)."""
+    kind = m.WhichOneof("event")
+    if kind == "generate":
+        return GenerateEvent.from_pb(m.generate)
+    if kind == "error":
+        return SessionError.from_pb(m.error)
+    return None
 
 
 @dataclass(frozen=True)
@@ -173,6 +200,8 @@ class Limits(_ToDict):
     max_stop_chars: int
     max_request_bytes: int
     kv_cache_tokens: int
+    max_queue: int = 0  # requests that may wait for admission (beyond it: RESOURCE_EXHAUSTED at once)
+    max_batch_tokens: int = 0  # tokens processed per engine step at most
 
 
 def sampling_dict(m: pb.SamplingParams) -> dict:
@@ -217,6 +246,8 @@ class ModelInfo(_ToDict):
             lim.max_stop_chars,
             lim.max_request_bytes,
             lim.kv_cache_tokens,
+            lim.max_queue,
+            lim.max_batch_tokens,
         )
         defaults = sampling_dict(m.defaults.sampling) | {"max_new_tokens": m.defaults.max_new_tokens}
         return cls(

@@ -47,6 +47,10 @@ def add_serve_command(commands) -> None:
         "--max-context", type=int, default=env("MAX_CONTEXT", None, int), help="default: the model's"
     )
     p.add_argument("--max-top-n", type=int, default=env("MAX_TOP_N", 20, int))
+    p.add_argument(
+        "--max-queue", type=int, default=env("MAX_QUEUE", 256, int), help="waiting requests at most"
+    )
+    p.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", 9464, int), help="-1 = no metrics")
     p.add_argument("--max-request-bytes", type=int, default=env("MAX_REQUEST_BYTES", 1 << 20, int))
     p.add_argument(
         "--grace", type=float, default=env("GRACE", 10.0, float), help="seconds to drain on shutdown"
@@ -69,6 +73,8 @@ def run_serve(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
         max_context=args.max_context,
         max_top_n=args.max_top_n,
+        max_queue=args.max_queue,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         max_request_bytes=args.max_request_bytes,
         grace_s=args.grace,
     )

@@ -21,7 +21,7 @@ import numpy as np
 
 from nextword.kernels.model import Batch, Model
 from nextword.kernels.softmax import log_softmax
-from nextword.server.kv_cache import BlockAllocator
+from nextword.server.kv_cache import BlockPool, block_keys
 from nextword.server.sampling import (
     InvalidParameter,
     SampledToken,
@@ -38,10 +38,11 @@ from nextword.weights.loader import load_checkpoint
 class Finish:
     """How a generation ended, with its usage counts and timings (seconds)."""
 
-    reason: str  # length | eos | stop (a stop string) | stop_token | cancelled
+    reason: str  # length | eos | stop (a stop string) | stop_token | time | lines | cancelled | superseded
     stop: str | None  # the matched stop string, or the text of the stop token
     prompt_tokens: int
     generated_tokens: int
+    cached_prompt_tokens: int  # prompt tokens whose K/V came from the prefix cache
     seed: int
     queue_s: float  # submitted -> first scheduled
     prefill_s: float  # first scheduled -> prompt processed
@@ -79,10 +80,12 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     num_cached: int = 0  # leading tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)  # prefix keys of the full blocks registered so far
+    cached_prompt_tokens: int = 0
     decoder: IncrementalDecoder | None = None
     text: str = ""  # generated text so far (stop strings already cut off)
     emitted: int = 0  # characters of `text` handed out
-    cancelled: bool = False
+    cancelled: str | None = None  # set (to the finish reason) by cancel(), acted on at the next step
     finished: bool = False
     submitted_at: float = 0.0
     scheduled_at: float | None = None
@@ -92,6 +95,10 @@ class Sequence:
     @property
     def generated(self) -> int:
         return len(self.tokens) - len(self.prompt_ids)
+
+
+class QueueFull(Exception):
+    """Too many requests are waiting for admission; the caller should retry later."""
 
 
 class Engine:
@@ -104,15 +111,21 @@ class Engine:
         block_size: int = 16,
         max_batch_tokens: int = 1024,
         max_top_n: int = 20,
+        max_queue: int = 256,
         model_id: str = "",
     ):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.config = model.config
         self.max_context = model.max_positions
-        self.max_batch_tokens, self.max_top_n = max_batch_tokens, max_top_n
+        self.max_batch_tokens, self.max_top_n, self.max_queue = max_batch_tokens, max_top_n, max_queue
         num_blocks = -(-kv_cache_tokens // block_size)
         self.cache = model.new_cache(num_blocks, block_size)
-        self.blocks = BlockAllocator(num_blocks, block_size)
+        self.blocks = BlockPool(num_blocks, block_size)
+        # running totals, read by the metrics
+        self.steps = 0
+        self.prefix_hit_tokens = 0
+        self.generated_tokens = 0
+        self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
         self.eos_ids = frozenset(self.config.eos_token_ids) | tokenizer.eos_token_ids
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
@@ -136,8 +149,12 @@ class Engine:
         request_id: str | None = None,
         probs_only: bool = False,
     ) -> Sequence:
-        """Validate and queue a request; `on_output` is called from the engine thread with each output."""
+        """Validate and queue a request; `on_output` is called from the engine thread with each output.
+        Raises InvalidParameter for a request that can never be served, QueueFull when too many wait."""
         self.validate(prompt_ids, params, probs_only)
+        waiting = len(self._waiting) + self._incoming.qsize()
+        if waiting >= self.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting (the queue holds {self.max_queue})")
         seq = Sequence(
             id=request_id or f"req-{next(self._ids)}",
             prompt_ids=list(prompt_ids),
@@ -171,9 +188,17 @@ class Engine:
                 f"exceeds the context of {limit} tokens",
             )
 
-    def cancel(self, seq: Sequence) -> None:
-        """Stop a sequence at the next step (safe from any thread)."""
-        seq.cancelled = True
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Stop a sequence at the next step (safe from any thread); it finishes with `reason`."""
+        seq.cancelled = seq.cancelled or reason
+
+    @property
+    def waiting_sequences(self) -> int:
+        return len(self._waiting) + self._incoming.qsize()
+
+    @property
+    def running_sequences(self) -> int:
+        return len(self._running)
 
     @property
     def live_sequences(self) -> int:
@@ -186,10 +211,15 @@ class Engine:
 
     def step(self) -> int:
         """Advance every live sequence by one step; returns how many tokens went through the model."""
+        self.steps += 1
         while not self._incoming.empty():
             self._waiting.append(self._incoming.get())
-        for seq in [s for s in itertools.chain(self._running, self._waiting) if s.cancelled]:
-            self._finish(seq, "cancelled", None, token=None)
+        now = time.perf_counter()
+        for seq in list(itertools.chain(self._running, self._waiting)):
+            if seq.cancelled:
+                self._finish(seq, seq.cancelled, None, token=None)
+            elif seq.params.max_time_s and now - seq.submitted_at >= seq.params.max_time_s:
+                self._finish(seq, "time", None, token=None)
         self._admit()
         scheduled, budget = [], self.max_batch_tokens
         for seq in self._running:
@@ -200,8 +230,8 @@ class Engine:
             budget -= chunk
             scheduled.append((seq, chunk))
         if not scheduled:
+            self.last_batch = (0, 0)
             return 0
-        now = time.perf_counter()
         for seq, _ in scheduled:
             seq.scheduled_at = seq.scheduled_at or now
         batch = Batch.build(
@@ -220,21 +250,40 @@ class Engine:
         row = 0
         for seq, n in scheduled:
             seq.num_cached += n
+            self._register_full_blocks(seq)
             if seq.num_cached == len(seq.tokens):
                 self._emit(seq, logits[row])
                 row += 1
         self._running = [s for s in self._running if not s.finished]
+        self.last_batch = (len(scheduled), len(batch.token_ids))
         return len(batch.token_ids)
 
     def _admit(self) -> None:
         # Blocks for the whole generation are taken at admission, so a running sequence never waits for cache.
+        # The prompt's longest cached prefix is reused; its last token is always computed (for its logits).
+        pool = self.blocks
         while self._waiting:
             seq = self._waiting[0]
             need = len(seq.prompt_ids) + (0 if seq.sampler is None else seq.params.max_new_tokens)
-            if self.blocks.blocks_for(need) > self.blocks.free_blocks:
+            keys = block_keys(seq.prompt_ids[:-1], pool.block_size)
+            seq.blocks = pool.match(keys)
+            if pool.blocks_for(need) - len(seq.blocks) > pool.free_blocks:
+                pool.release(seq.blocks)
                 return
-            self.blocks.grow(seq.blocks, need)
+            seq.keys = keys[: len(seq.blocks)]
+            seq.num_cached = seq.cached_prompt_tokens = len(seq.blocks) * pool.block_size
+            pool.grow(seq.blocks, need)
+            self.prefix_hit_tokens += seq.cached_prompt_tokens
             self._running.append(self._waiting.popleft())
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed blocks to the prefix cache."""
+        start = len(seq.keys)
+        if seq.num_cached // self.blocks.block_size > start:
+            parent = seq.keys[-1] if seq.keys else b""
+            new = block_keys(seq.tokens[: seq.num_cached], self.blocks.block_size, start, parent)
+            self.blocks.register(seq.blocks, new, start)
+            seq.keys += new
 
     def _emit(self, seq: Sequence, logits: np.ndarray) -> None:
         now = time.perf_counter()
@@ -250,6 +299,7 @@ class Engine:
         token = seq.sampler.sample(logits)
         seq.tokens.append(token.token_id)
         seq.token_times.append(now)
+        self.generated_tokens += 1
         p, tid = seq.params, token.token_id
         if tid in p.stop_token_ids:
             return self._finish(seq, "stop_token", self.tokenizer.token_text(tid), token)
@@ -261,9 +311,14 @@ class Engine:
             if at >= 0:
                 seq.text = seq.text[:at]
                 return self._finish(seq, "stop", stop, token)
+        if p.max_lines and seq.text.count("\n") >= p.max_lines:
+            seq.text = "\n".join(seq.text.split("\n")[: p.max_lines]) + "\n"
+            return self._finish(seq, "lines", None, token)
         if seq.generated >= p.max_new_tokens:
             seq.text += seq.decoder.flush()
             return self._finish(seq, "length", None, token)
+        if p.max_time_s and now - seq.submitted_at >= p.max_time_s:
+            return self._finish(seq, "time", None, token)
         # Hold back a tail that could be the start of a stop string.
         safe = len(seq.text) - max((_overlap(seq.text, s) for s in p.stop), default=0)
         delta, seq.emitted = seq.text[seq.emitted : safe], max(seq.emitted, safe)
@@ -282,6 +337,7 @@ class Engine:
             stop=stop,
             prompt_tokens=len(seq.prompt_ids),
             generated_tokens=seq.generated,
+            cached_prompt_tokens=seq.cached_prompt_tokens,
             seed=seq.sampler.seed if seq.sampler else 0,
             queue_s=(seq.scheduled_at or seq.submitted_at) - seq.submitted_at,
             prefill_s=(seq.prefilled_at - seq.scheduled_at) if seq.prefilled_at else 0.0,

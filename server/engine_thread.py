@@ -15,8 +15,9 @@ log = logging.getLogger("nextword.engine")
 
 
 class EngineThread:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, on_step=None):
         self.engine = engine
+        self._on_step = on_step  # called after every step, on this thread (metrics)
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="nextword-engine", daemon=True)
@@ -30,8 +31,8 @@ class EngineThread:
         self._wake.set()
         return seq
 
-    def cancel(self, seq) -> None:
-        self.engine.cancel(seq)
+    def cancel(self, seq, reason: str = "cancelled") -> None:
+        self.engine.cancel(seq, reason)
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -46,7 +47,10 @@ class EngineThread:
                 self._wake.wait()
                 continue
             try:
-                self.engine.step()
+                if self.engine.step() == 0:  # only waiting requests, none admissible yet: don't spin
+                    self._wake.wait(0.005)
             except Exception as e:  # a bug, not bad input: fail the live requests, keep serving
                 log.exception("engine step failed")
                 self.engine.fail_all(e)
+            if self._on_step:
+                self._on_step(self.engine)

@@ -1,38 +1,104 @@
-"""Bookkeeping of the paged KV cache: which blocks are free, which belong to which sequence."""
+"""Bookkeeping of the paged KV cache: which blocks are free, who holds them, and the prefix cache.
+
+A block is `block_size` consecutive positions of one sequence. Once a block is full, its keys and values
+depend only on the tokens up to its end, so it gets a key: a digest chained over every token up to and
+including the block. Another sequence whose prompt starts with the same tokens reuses the block instead of
+computing it (the autocomplete case: each keystroke re-sends almost the same prompt). Blocks are reference
+counted; a released block that has a key stays cached until its slot is needed (least recently used first).
+"""
 
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
 
 
 class CacheFull(Exception):
     """Not enough free blocks right now; the caller waits or retries later."""
 
 
-class BlockAllocator:
-    """A free list over `num_blocks` cache blocks of `block_size` positions each."""
+def block_keys(tokens: list[int], block_size: int, start: int = 0, parent: bytes = b"") -> list[bytes]:
+    """Chained digests of the full blocks of `tokens`, from block index `start` on (`parent`: the key of
+    block start - 1). Equal keys mean equal tokens from position 0 to the block's end."""
+    keys = []
+    for b in range(start, len(tokens) // block_size):
+        chunk = np.asarray(tokens[b * block_size : (b + 1) * block_size], dtype=np.int64).tobytes()
+        parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
+        keys.append(parent)
+    return keys
 
+
+class BlockPool:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free = list(range(num_blocks - 1, -1, -1))  # never used or evicted: pop() gives low ids first
+        self._refs = [0] * num_blocks
+        self._key_of: dict[int, bytes] = {}  # block -> its prefix key (full blocks only)
+        self._block_of: dict[bytes, int] = {}  # prefix key -> block
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody holds, oldest first
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks that can be handed out now (never used, or cached but unreferenced)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.free_blocks
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._block_of)
 
     def blocks_for(self, num_positions: int) -> int:
         return -(-num_positions // self.block_size)
 
+    def match(self, keys: list[bytes]) -> list[int]:
+        """Take a reference on the cached blocks of the longest matching prefix of `keys`."""
+        blocks = []
+        for key in keys:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            self._take(block)
+            blocks.append(block)
+        return blocks
+
     def grow(self, blocks: list[int], num_positions: int) -> None:
-        """Append blocks to `blocks` until they hold `num_positions` positions (all or nothing)."""
+        """Append fresh blocks to `blocks` until they hold `num_positions` positions (all or nothing)."""
         need = self.blocks_for(num_positions) - len(blocks)
-        if need > len(self._free):
-            raise CacheFull(f"need {need} KV-cache blocks, {len(self._free)} free")
+        if need > self.free_blocks:
+            raise CacheFull(f"need {need} KV-cache blocks, {self.free_blocks} free")
         for _ in range(max(need, 0)):
-            blocks.append(self._free.pop())
+            if self._free:
+                block = self._free.pop()
+            else:  # reuse the least recently used cached block: forget what it held
+                block, _ = self._evictable.popitem(last=False)
+                del self._block_of[self._key_of.pop(block)]
+            self._refs[block] = 1
+            blocks.append(block)
+
+    def register(self, blocks: list[int], keys: list[bytes], start: int) -> None:
+        """Record that blocks[start:start + len(keys)] are full and hold the prefixes `keys`."""
+        for block, key in zip(blocks[start : start + len(keys)], keys, strict=True):
+            if key not in self._block_of and block not in self._key_of:
+                self._block_of[key] = block
+                self._key_of[block] = key
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference on each block; unreferenced blocks become free (or evictable if cached)."""
+        for block in reversed(blocks):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
         blocks.clear()
+
+    def _take(self, block: int) -> None:
+        if self._refs[block] == 0:
+            self._evictable.pop(block, None)
+        self._refs[block] += 1

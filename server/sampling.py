@@ -86,6 +86,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     top_n: int = 0  # alternatives to report per step
+    max_time_s: float = 0.0  # stop after this long from submission (engine-enforced); 0 = no limit
+    max_lines: int = 0  # stop once the output holds this many newlines (engine-enforced); 0 = no limit
 
     def __post_init__(self):
         bias = self.logit_bias
@@ -148,6 +150,8 @@ class SamplingParams:
             _check_id("stop_token_ids", tok, vocab_size)
         if not isinstance(self.ignore_eos, bool | np.bool_):
             raise InvalidParameter("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        _check_real("max_time_s", self.max_time_s, "[0, 3600] (0 = no limit)", lambda v: 0 <= v <= 3600)
+        _check_int("max_lines", self.max_lines, lo=0, note=" (0 = no limit)")
         _check_int("top_n", self.top_n, lo=0, hi=max_top_n)
 
 

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
+from nextword.server.metrics import Metrics
 from nextword.server.sampling import SamplingParams
 from nextword.server.service import SERVICE_NAME, InferenceService
 from nextword.v1 import nextword_pb2_grpc
@@ -38,14 +39,18 @@ class ServerConfig:
     max_batch_tokens: int = 1024
     max_context: int | None = None  # default: the model's
     max_top_n: int = 20
+    max_queue: int = 256
     max_request_bytes: int = 1 << 20
     grace_s: float = 10.0
+    metrics_port: int | None = 9464  # Prometheus /metrics; None = off, 0 = any free port
 
 
 class NextwordServer:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.service = InferenceService(config.max_request_bytes)
+        self.metrics = Metrics()
+        self.service = InferenceService(config.max_request_bytes, self.metrics)
+        self.metrics_port: int | None = None
         self.health = health.aio.HealthServicer()
         self.runner: EngineThread | None = None
         self.ready = asyncio.Event()
@@ -74,14 +79,18 @@ class NextwordServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._server.add_insecure_port(f"{c.host}:{c.port}")
+        if not self.port:
+            raise OSError(f"cannot listen on {c.host}:{c.port}")
         await self._server.start()
+        if c.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
         self.loading = asyncio.create_task(self._load())
         return self.port
 
     async def _load(self) -> None:
         started = time.perf_counter()
         engine = await asyncio.to_thread(self._load_and_warm)
-        self.runner = EngineThread(engine)
+        self.runner = EngineThread(engine, on_step=self.metrics.observe_step)
         self.runner.start()
         self.service.runner = self.runner
         for service in ("", SERVICE_NAME):
@@ -103,6 +112,7 @@ class NextwordServer:
             max_batch_tokens=c.max_batch_tokens,
             max_context=c.max_context,
             max_top_n=c.max_top_n,
+            max_queue=c.max_queue,
         )
         # One tiny generation compiles (or loads from the on-disk cache) every kernel before the first client.
         for _ in engine.generate([0, 1], SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True)):
@@ -130,7 +140,12 @@ class NextwordServer:
 async def serve(config: ServerConfig) -> int:
     server = NextwordServer(config)
     await server.start()
-    print(f"nextword: listening on {config.host}:{server.port}, loading {config.model} ...", flush=True)
+    metrics = (
+        f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    )
+    print(
+        f"nextword: listening on {config.host}:{server.port}{metrics}, loading {config.model} ...", flush=True
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -17,8 +17,9 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from nextword.server.engine import Distribution, Step
+from nextword.server.engine import Distribution, QueueFull, Step
 from nextword.server.engine_thread import EngineThread
+from nextword.server.metrics import Metrics
 from nextword.server.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, InvalidParameter, SamplingParams
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc
@@ -34,6 +35,9 @@ FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "stop_token": pb.FINISH_REASON_STOP_TOKEN,
     "cancelled": pb.FINISH_REASON_CANCELLED,
+    "time": pb.FINISH_REASON_TIME,
+    "lines": pb.FINISH_REASON_LINES,
+    "superseded": pb.FINISH_REASON_SUPERSEDED,
 }
 DEFAULTS = SamplingParams()
 
@@ -41,9 +45,9 @@ DEFAULTS = SamplingParams()
 class RequestError(Exception):
     """A request the service refuses: a gRPC status code, a message, and the offending field if any."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None):
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None, retry_after_s=None):
         super().__init__(message)
-        self.code, self.message, self.field = code, message, field
+        self.code, self.message, self.field, self.retry_after_s = code, message, field, retry_after_s
 
     def to_status(self) -> grpc.Status:
         details = []
@@ -51,9 +55,11 @@ class RequestError(Exception):
             violation = error_details_pb2.BadRequest.FieldViolation(
                 field=self.field, description=self.message
             )
-            detail = any_pb2.Any()
-            detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-            details.append(detail)
+            details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+        if self.retry_after_s is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromMilliseconds(int(self.retry_after_s * 1000))
+            details.append(_pack(retry))
         code = getattr(code_pb2, self.code.name)
         return rpc_status.to_status(status_pb2.Status(code=code, message=self.message, details=details))
 
@@ -69,10 +75,15 @@ def invalid(field: str, message: str) -> RequestError:
 
 
 class InferenceService(nextword_pb2_grpc.InferenceServicer):
-    def __init__(self, max_request_bytes: int):
+    def __init__(self, max_request_bytes: int, metrics: Metrics | None = None):
         self.runner: EngineThread | None = None  # set once the model is loaded and warm
         self.draining = False
         self.max_request_bytes = max_request_bytes
+        self.metrics = metrics or Metrics()
+
+    async def _abort(self, context, error: RequestError):
+        self.metrics.observe_error(error.code.name)
+        await context.abort_with_status(error.to_status())
 
     # ---- the RPCs ----
 
@@ -81,13 +92,13 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             async for event in self._generate(request):
                 yield event
         except RequestError as e:
-            await context.abort_with_status(e.to_status())
+            await self._abort(context, e)
 
     async def Complete(self, request, context):
         try:
             events = [e async for e in self._generate(request)]
         except RequestError as e:
-            await context.abort_with_status(e.to_status())
+            await self._abort(context, e)
         return pb.CompleteResponse(
             request_id=events[-1].request_id,
             text="".join(e.text for e in events),
@@ -103,7 +114,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             outputs = await self._run(prompt, params, probs_only=True)
             dist: Distribution = outputs[0]
         except RequestError as e:
-            await context.abort_with_status(e.to_status())
+            await self._abort(context, e)
         return pb.NextTokenProbabilitiesResponse(
             top=[self._token_prob(t) for t in dist.top],
             logprobs=dist.logprobs.astype("<f4").tobytes() if request.full_vocabulary else b"",
@@ -122,7 +133,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             else:
                 raise invalid("text", "give text or chat messages to tokenize")
         except RequestError as e:
-            await context.abort_with_status(e.to_status())
+            await self._abort(context, e)
         return pb.TokenizeResponse(ids=ids, tokens=[tok.token_text(i) for i in ids])
 
     async def Detokenize(self, request, context):
@@ -130,7 +141,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             engine = self._engine()
             self._check_ids(request.ids, "ids")
         except RequestError as e:
-            await context.abort_with_status(e.to_status())
+            await self._abort(context, e)
         text = engine.tokenizer.decode(request.ids, skip_special_tokens=request.skip_special_tokens)
         return pb.DetokenizeResponse(text=text)
 
@@ -138,7 +149,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         try:
             engine = self._engine()
         except RequestError as e:
-            await context.abort_with_status(e.to_status())
+            await self._abort(context, e)
         c, tok = engine.config, engine.tokenizer
         defaults = pb.SamplingParams(
             **{f: getattr(DEFAULTS, f) for f in OPTIONAL_SAMPLING_FIELDS if getattr(DEFAULTS, f) is not None}
@@ -159,6 +170,8 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                 max_stop_chars=MAX_STOP_CHARS,
                 max_request_bytes=self.max_request_bytes,
                 kv_cache_tokens=engine.blocks.num_blocks * engine.blocks.block_size,
+                max_queue=engine.max_queue,
+                max_batch_tokens=engine.max_batch_tokens,
             ),
             defaults=pb.Defaults(sampling=defaults, max_new_tokens=DEFAULTS.max_new_tokens),
         )
@@ -166,52 +179,94 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
     # ---- generation plumbing ----
 
     async def _generate(self, request):
-        self._engine()  # UNAVAILABLE while loading or draining
-        request_id = request.request_id or uuid.uuid4().hex[:16]
-        prompt = self._prompt(request.prompt)
-        params = self._sampling(request)
-        arrived = last = time.perf_counter()
-        index = 0
         queue: asyncio.Queue = asyncio.Queue()
-        seq = self._submit(prompt, params, queue, request_id=request_id)
+        gen = self._start(request, lambda gen, step: queue.put_nowait(step))
         try:
             while True:
                 step = await queue.get()
-                if isinstance(step, Exception):
-                    raise RequestError(grpc.StatusCode.INTERNAL, f"engine failure: {step}")
-                now = time.perf_counter()
-                event = pb.GenerateEvent(request_id=request_id, text=step.text)
-                if step.token is not None:
-                    event.token.CopyFrom(self._token(step, index, (now - last) * 1000))
-                    index, last = index + 1, now
-                if step.finish:
-                    event.finish.CopyFrom(self._finish(step, (now - arrived) * 1000))
-                    _log_request(request_id, step)
+                event = gen.event(step)
                 yield event
-                if step.finish:
+                if event.HasField("finish"):
                     return
         finally:
-            if not seq.finished:  # cancelled, past its deadline, or disconnected: free it at the next step
-                self.runner.cancel(seq)
-                log.info("request %s: cancelled by the client after %d tokens", request_id, index)
+            gen.cancel_unless_finished()
+
+    def _start(self, request, deliver) -> _Generation:
+        """Validate a GenerateRequest and submit it; each engine output is passed to deliver(gen, output)
+        on the event loop."""
+        self._engine()  # UNAVAILABLE while loading or draining
+        gen = _Generation(self, request)
+        prompt = self._prompt(request.prompt)
+        params = self._sampling(request)
+        gen.seq = self._submit(prompt, params, lambda out: deliver(gen, out), request_id=gen.request_id)
+        return gen
+
+    async def Session(self, request_iterator, context):
+        inbox: asyncio.Queue = asyncio.Queue()  # ("request", GenerateRequest) | ("end", None) | (gen, step)
+
+        async def read():
+            async for request in request_iterator:
+                inbox.put_nowait(("request", request))
+            inbox.put_nowait(("end", None))
+
+        reader = asyncio.create_task(read())
+        live: _Generation | None = None  # the request in flight
+        ended = False
+        try:
+            while not (ended and live is None):
+                tag, item = await inbox.get()
+                if tag == "end":
+                    ended = True
+                elif tag == "request":
+                    if live is not None and live.continues_into(item):
+                        yield pb.SessionEvent(generate=live.supersede_event())
+                        catch_up = live.rename(item.request_id or uuid.uuid4().hex[:16], item.prompt.text)
+                        if catch_up.text:
+                            yield pb.SessionEvent(generate=catch_up)
+                        continue
+                    try:
+                        gen = self._start(item, lambda gen, step: inbox.put_nowait((gen, step)))
+                    except RequestError as e:
+                        yield _session_error(item.request_id, e)
+                        continue
+                    if live is not None:
+                        self.runner.cancel(live.seq, "superseded")
+                    live = gen
+                else:  # an engine output of generation `tag`
+                    gen, step = tag, item
+                    if gen is not live and not getattr(step, "finish", None):
+                        continue  # superseded: only its final event still matters
+                    failed = isinstance(step, Exception)
+                    if failed:
+                        yield _session_error(gen.request_id, _engine_failure(step))
+                    else:
+                        yield pb.SessionEvent(generate=gen.event(step))
+                    if gen is live and (failed or step.finish):
+                        live = None
+        finally:
+            reader.cancel()
+            if live is not None:
+                live.cancel_unless_finished()
 
     async def _run(self, prompt, params, **kwargs) -> list:
         queue: asyncio.Queue = asyncio.Queue()
-        seq = self._submit(prompt, params, queue, **kwargs)
+        seq = self._submit(prompt, params, queue.put_nowait, **kwargs)
         try:
             return [await queue.get()]
         finally:
             if not seq.finished:
                 self.runner.cancel(seq)
 
-    def _submit(self, prompt, params, queue: asyncio.Queue, **kwargs):
+    def _submit(self, prompt, params, deliver, **kwargs):
         loop = asyncio.get_running_loop()
         try:
             return self.runner.submit(
-                prompt, params, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out), **kwargs
+                prompt, params, lambda out: loop.call_soon_threadsafe(deliver, out), **kwargs
             )
         except InvalidParameter as e:
             raise invalid(_proto_field(e.field), str(e)) from None
+        except QueueFull as e:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after_s=1.0) from None
 
     def _engine(self):
         if self.draining:
@@ -270,6 +325,8 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         }
         if request.HasField("max_new_tokens"):
             given["max_new_tokens"] = request.max_new_tokens
+        given["max_time_s"] = request.max_time_ms / 1000
+        given["max_lines"] = request.max_lines
         return SamplingParams(**given)
 
     # ---- domain -> protobuf ----
@@ -295,7 +352,11 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         return pb.Finish(
             reason=FINISH_REASONS[f.reason],
             stop=f.stop or "",
-            usage=pb.Usage(prompt_tokens=f.prompt_tokens, generated_tokens=f.generated_tokens),
+            usage=pb.Usage(
+                prompt_tokens=f.prompt_tokens,
+                generated_tokens=f.generated_tokens,
+                cached_prompt_tokens=f.cached_prompt_tokens,
+            ),
             timings=pb.Timings(
                 queue_ms=f.queue_s * 1000,
                 prefill_ms=f.prefill_s * 1000,
@@ -305,6 +366,91 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             ),
             seed=f.seed,
         )
+
+
+class _Generation:
+    """One request's view of its engine sequence: turns its outputs into GenerateEvents (request id, token
+    index, timings), and knows how a Session continues it under a newer request."""
+
+    def __init__(self, service: InferenceService, request):
+        self.service = service
+        self.request_id = request.request_id or uuid.uuid4().hex[:16]
+        self.prompt_text = request.prompt.text if request.prompt.WhichOneof("input") == "text" else None
+        self.request_key = _request_key(request)
+        self.seq = None
+        self.produced = ""  # text handed out so far under this request id
+        self.index = 0
+        self.arrived = self.last = time.perf_counter()
+
+    def event(self, step) -> pb.GenerateEvent:
+        if isinstance(step, Exception):
+            raise _engine_failure(step)
+        now = time.perf_counter()
+        event = pb.GenerateEvent(request_id=self.request_id, text=step.text)
+        self.produced += step.text
+        if step.token is not None:
+            event.token.CopyFrom(self.service._token(step, self.index, (now - self.last) * 1000))
+            self.index, self.last = self.index + 1, now
+        if step.finish:
+            event.finish.CopyFrom(self.service._finish(step, (now - self.arrived) * 1000))
+            self.service.metrics.observe_finish(step.finish)
+            _log_request(self.request_id, step)
+        return event
+
+    def continues_into(self, request) -> bool:
+        """Is `request` this one's prompt plus text this generation already produced (same parameters)?"""
+        if self.seq.finished or self.seq.cancelled or self.prompt_text is None:
+            return False
+        if request.prompt.WhichOneof("input") != "text" or _request_key(request) != self.request_key:
+            return False
+        text = request.prompt.text
+        return text.startswith(self.prompt_text) and self.produced.startswith(text[len(self.prompt_text) :])
+
+    def supersede_event(self) -> pb.GenerateEvent:
+        """The final event of this request id when a newer request takes over its generation."""
+        seq, now = self.seq, time.perf_counter()
+        finish = pb.Finish(
+            reason=pb.FINISH_REASON_SUPERSEDED,
+            usage=pb.Usage(
+                prompt_tokens=len(seq.prompt_ids),
+                generated_tokens=seq.generated,
+                cached_prompt_tokens=seq.cached_prompt_tokens,
+            ),
+            timings=pb.Timings(total_ms=(now - self.arrived) * 1000),
+            seed=seq.sampler.seed,
+        )
+        return pb.GenerateEvent(request_id=self.request_id, finish=finish)
+
+    def rename(self, request_id: str, prompt_text: str) -> pb.GenerateEvent:
+        """Continue under `request_id`; returns the event carrying the produced text not yet typed."""
+        rest = self.produced[len(prompt_text) - len(self.prompt_text) :]
+        self.request_id, self.prompt_text, self.produced, self.index = request_id, prompt_text, rest, 0
+        self.arrived = self.last = time.perf_counter()
+        return pb.GenerateEvent(request_id=request_id, text=rest)
+
+    def cancel_unless_finished(self) -> None:
+        if self.seq is not None and not self.seq.finished:  # cancelled, past its deadline, or disconnected
+            self.service.runner.cancel(self.seq)
+            self.service.metrics.observe_error("CANCELLED")
+            log.info("request %s: cancelled by the client after %d tokens", self.request_id, self.index)
+
+
+def _request_key(request) -> bytes:
+    """Everything of a request but its id and prompt: two requests with equal keys generate alike."""
+    rest = pb.GenerateRequest()
+    rest.CopyFrom(request)
+    rest.ClearField("prompt")
+    rest.ClearField("request_id")
+    return rest.SerializeToString(deterministic=True)
+
+
+def _engine_failure(error: Exception) -> RequestError:
+    return RequestError(grpc.StatusCode.INTERNAL, f"engine failure: {error}")
+
+
+def _session_error(request_id: str, e: RequestError) -> pb.SessionEvent:
+    error = pb.SessionError(request_id=request_id, code=e.code.name, message=e.message, field=e.field or "")
+    return pb.SessionEvent(error=error)
 
 
 def _proto_field(name: str) -> str:

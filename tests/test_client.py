@@ -32,10 +32,12 @@ from nextword.client import (
     ModelInfo,
     NextwordError,
     ResourceExhausted,
+    SessionError,
     SpecialToken,
     Token,
     Tokenized,
     Unavailable,
+    Usage,
 )
 from nextword.client.cli import main
 from nextword.v1 import nextword_pb2 as pb
@@ -185,6 +187,29 @@ class FakeInference(nextword_pb2_grpc.InferenceServicer):
         ids = [i for i in request.ids if not (request.skip_special_tokens and i < 3)]
         return pb.DetokenizeResponse(text="".join(f"<{i}>" for i in ids))
 
+    def Session(self, request_iterator, context):
+        """Echo each request's events in turn; "bad-field" is answered in-band, "typing" is superseded at
+        once, "abort" fails the whole stream."""
+        for request in request_iterator:
+            self.requests.append(request)
+            text = prompt_text(request.prompt)
+            if text == "bad-field":
+                error = pb.SessionError(
+                    request_id=request.request_id,
+                    code="INVALID_ARGUMENT",
+                    message="temperature must be in [0, 100]",
+                    field="sampling.temperature",
+                )
+                yield pb.SessionEvent(error=error)
+            elif text == "typing":
+                finish = pb.Finish(reason=pb.FINISH_REASON_SUPERSEDED, usage=pb.Usage(prompt_tokens=1))
+                yield pb.SessionEvent(generate=pb.GenerateEvent(request_id=request.request_id, finish=finish))
+            elif text == "abort":
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is draining")
+            else:
+                for event in self._events(request):
+                    yield pb.SessionEvent(generate=event)
+
     def ModelInfo(self, request, context):
         self.requests.append(request)
         return pb.ModelInfoResponse(
@@ -205,6 +230,8 @@ class FakeInference(nextword_pb2_grpc.InferenceServicer):
                 max_stop_chars=256,
                 max_request_bytes=1 << 20,
                 kv_cache_tokens=4096,
+                max_queue=64,
+                max_batch_tokens=512,
             ),
             defaults=pb.Defaults(
                 sampling=pb.SamplingParams(temperature=0.7, top_k=0, top_p=0.95, repetition_penalty=1.0),
@@ -263,7 +290,17 @@ def test_every_message_converts_to_frozen_dataclasses():
     assert (finish.usage.prompt_tokens, finish.usage.generated_tokens) == (4, 3)
     assert finish.timings.ttft_ms == 12.0 and finish.timings.tokens_per_s == 50.0
     names = [Finish.from_pb(pb.Finish(reason=r)).reason for r in pb.FinishReason.values()]
-    assert names == ["unspecified", "length", "eos", "stop", "stop_token", "cancelled"]
+    assert names == [
+        "unspecified",
+        "length",
+        "eos",
+        "stop",
+        "stop_token",
+        "cancelled",
+        "time",
+        "lines",
+        "superseded",
+    ]
     assert Finish.from_pb(pb.Finish(reason=99)).reason == "99"  # a reason from a newer server
 
     event = GenerateEvent.from_pb(pb.GenerateEvent(request_id="r", text="a", token=token_pb(0, "a", 0)))
@@ -694,3 +731,158 @@ def test_import_does_not_pull_in_the_engine():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---- the new request fields, usage and limits ----
+
+
+def test_time_and_line_limits_and_cached_tokens(client, fake):
+    client.complete("hello", max_time_ms=250, max_lines=1)
+    list(client.generate("hello", max_new_tokens=16, max_time_ms=1000, max_lines=2))
+    complete, generate = fake.requests[-2:]
+    assert (complete.max_time_ms, complete.max_lines) == (250, 1)
+    assert (generate.max_new_tokens, generate.max_time_ms, generate.max_lines) == (16, 1000, 2)
+    client.complete("hello")
+    assert not fake.requests[-1].HasField("max_time_ms") and not fake.requests[-1].HasField("max_lines")
+
+    finish = Finish.from_pb(
+        pb.Finish(reason=pb.FINISH_REASON_LINES, usage=pb.Usage(prompt_tokens=9, cached_prompt_tokens=8))
+    )
+    assert finish.reason == "lines" and finish.usage == Usage(9, 0, 8)
+    assert Finish.from_pb(FINISH).usage.cached_prompt_tokens == 0
+    assert finish.to_dict()["usage"] == {"prompt_tokens": 9, "generated_tokens": 0, "cached_prompt_tokens": 8}
+
+    limits = client.model_info().limits
+    assert (limits.max_queue, limits.max_batch_tokens, limits.kv_cache_tokens) == (64, 512, 4096)
+
+
+# ---- sessions ----
+
+
+def test_session_error_converts():
+    error = SessionError.from_pb(
+        pb.SessionError(request_id="r", code="INVALID_ARGUMENT", message="m", field="f")
+    )
+    assert error == SessionError("r", "INVALID_ARGUMENT", "m", "f")
+    assert SessionError.from_pb(pb.SessionError(request_id="r", code="INTERNAL")).field is None
+    assert error.to_dict() == {
+        "request_id": "r",
+        "code_name": "INVALID_ARGUMENT",
+        "message": "m",
+        "field": "f",
+    }
+    with pytest.raises(AttributeError):
+        error.message = "x"  # frozen
+
+
+def check_session_items(items, ids):
+    first, bad, typed, auto = ids
+    assert auto and auto not in (first, bad, typed)  # made up by the client
+    assert [(i.request_id, i.text) for i in items[:3]] == [(first, t) for t in REPLY]
+    assert items[2].finish.reason == "stop"
+    assert items[3] == SessionError(
+        bad, "INVALID_ARGUMENT", "temperature must be in [0, 100]", "sampling.temperature"
+    )
+    assert items[4].request_id == typed and items[4].token is None and items[4].finish.reason == "superseded"
+    assert [i.request_id for i in items[5:]] == [auto] * 3
+    assert len(items) == 8
+
+
+def test_async_session(server, fake):
+    async def scenario():
+        async with AsyncClient(server[0], timeout=10) as c:
+            async with c.session() as s:
+                ids = [
+                    await s.send("hello", request_id="k1", max_new_tokens=16, max_lines=1, temperature=0.0),
+                    await s.send("bad-field", request_id="k2"),
+                    await s.send("typing", request_id="k3", max_time_ms=300),
+                    await s.send([1, 2, 3]),
+                ]
+                items = []
+                async for item in s:
+                    items.append(item)
+                    if len(items) == 8:
+                        break
+                await s.close()
+                with pytest.raises(RuntimeError, match="closed"):
+                    await s.send("hello")
+                rest = [item async for item in s]  # the stream has ended: nothing more, and no error
+
+            # close() drains: the events still arrive after it, and iteration then ends
+            s = c.session()
+            await s.send("hello", request_id="d1")
+            await s.close()
+            drained = [item async for item in s]
+            again = [item async for item in s]
+        return ids, items, rest, drained, again
+
+    ids, items, rest, drained, again = asyncio.run(scenario())
+    check_session_items(items, ids)
+    assert rest == [] and again == []
+    assert [e.text for e in drained] == REPLY and {e.request_id for e in drained} == {"d1"}
+    first, typed = fake.requests[0], fake.requests[2]
+    assert (first.max_new_tokens, first.max_lines, first.sampling.temperature) == (16, 1, 0.0)
+    assert first.sampling.HasField("temperature") and typed.max_time_ms == 300
+    assert list(fake.requests[3].prompt.token_ids.ids) == [1, 2, 3]
+
+
+def test_async_session_failure_and_cancel(server, fake):
+    async def scenario():
+        async with AsyncClient(server[0], timeout=10) as c:
+            s = c.session()
+            await s.send("hello")
+            await s.send("abort")
+            seen = []
+            with pytest.raises(Unavailable, match="draining"):
+                async for item in s:
+                    seen.append(item.text)
+            await s.close()  # the error was raised to the iteration already: close() is quiet
+
+            unseen = c.session()
+            await unseen.send("abort")
+            with pytest.raises(Unavailable):
+                await unseen.close()  # nobody iterated: close() reports the failure
+
+            with pytest.raises(KeyError):
+                async with c.session() as cancelled:
+                    await cancelled.send("hello")
+                    raise KeyError("leaving the block by an exception cancels the session")
+            after_cancel = [item async for item in cancelled]  # ends quietly (maybe with what had arrived)
+            with pytest.raises(RuntimeError):
+                await cancelled.send("hello")
+        return seen, after_cancel
+
+    seen, after_cancel = asyncio.run(scenario())
+    assert seen == REPLY and len(after_cancel) <= 3
+
+
+def test_sync_session(client, fake):
+    with client.session() as s:
+        ids = [
+            s.send("hello", request_id="k1", max_new_tokens=16, max_lines=1, temperature=0.0),
+            s.send("bad-field", request_id="k2"),
+            s.send("typing", request_id="k3", max_time_ms=300),
+            s.send([1, 2, 3]),
+        ]
+        items = [next(s) for _ in range(8)]
+    check_session_items(items, ids)
+    assert list(s) == []
+    with pytest.raises(RuntimeError, match="closed"):
+        s.send("hello")
+    assert fake.requests[0].max_lines == 1 and fake.requests[2].max_time_ms == 300
+
+    s = client.session()
+    s.send("hello", request_id="d1")
+    s.close(timeout=5)  # drains
+    assert [e.text for e in s] == REPLY
+
+    s = client.session()
+    s.send("abort")
+    with pytest.raises(Unavailable, match="draining"):
+        list(s)
+    s.close(timeout=5)  # already raised to the iteration
+
+    s = client.session()
+    s.send("abort")
+    with pytest.raises(Unavailable):
+        s.close(timeout=5)

@@ -9,7 +9,7 @@ import reference as ref
 from tiny_models import write_tiny_model
 
 from nextword.client.cli import main as cli_main
-from nextword.server.engine import Engine
+from nextword.server.engine import Engine, QueueFull
 from nextword.server.sampling import InvalidParameter, SamplingParams
 from nextword.server.tokenizer import IncrementalDecoder
 
@@ -166,3 +166,50 @@ def test_cli_generate(folder, capsys):
     assert len(out.strip().splitlines()) == 3 and "|" in out
     assert cli_main(["generate", PROMPT, "--model", str(folder), "--top-p", "2"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_prefix_cache_reuses_blocks_and_changes_no_result(engine, folder):
+    long_prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 3)
+    params = greedy(max_new_tokens=8, ignore_eos=True, top_n=3)
+    first = run(engine, long_prompt, params)
+    again = run(engine, long_prompt, params)
+    block = engine.blocks.block_size
+    assert again[-1].finish.cached_prompt_tokens == (len(long_prompt) - 1) // block * block > 0
+    extended = long_prompt + [s.token.token_id for s in first[:3]]
+    cont = run(engine, extended, params)  # its prompt reaches into the first request's generated blocks
+    assert cont[-1].finish.cached_prompt_tokens > again[-1].finish.cached_prompt_tokens
+
+    fresh = Engine.load(folder, kv_cache_tokens=1024, block_size=4, max_top_n=8)  # no cache to hit
+    for steps, prompt in ((again, long_prompt), (cont, extended)):
+        expect = run(fresh, prompt, params)
+        assert [s.token.token_id for s in steps] == [s.token.token_id for s in expect]
+        for a, b in zip(steps, expect, strict=True):
+            assert a.token.prob == pytest.approx(b.token.prob, abs=1e-5)
+
+
+def test_queue_bound(folder):
+    small = Engine.load(folder, kv_cache_tokens=64, block_size=4, max_queue=2)
+    ids = small.tokenizer.encode(PROMPT)
+    outs = [[] for _ in range(3)]
+    for out in outs[:2]:
+        small.submit(ids, greedy(max_new_tokens=40, ignore_eos=True), out.append)
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        small.submit(ids, greedy(max_new_tokens=40), outs[2].append)
+    small.step()  # the first is admitted; the second waits: the cache holds 64 positions, not 2 x 55
+    assert small.running_sequences == 1 and small.waiting_sequences == 1
+    small.submit(ids, greedy(max_new_tokens=4), outs[2].append)  # room in the queue again
+    while small.has_work():
+        small.step()
+    assert all(out[-1].finish for out in outs)
+    assert small.blocks.free_blocks == small.blocks.num_blocks
+
+
+def test_max_lines_and_max_time(engine):
+    newline = engine.tokenizer.encode("\n")[0]
+    params = greedy(max_new_tokens=20, ignore_eos=True, logit_bias=((newline, 6.0),), max_lines=2)
+    steps = run(engine, PROMPT, params)
+    text = "".join(s.text for s in steps)
+    assert steps[-1].finish.reason == "lines" and text.count("\n") == 2 and text.endswith("\n")
+
+    steps = run(engine, PROMPT, greedy(max_new_tokens=100, ignore_eos=True, max_time_s=1e-6))
+    assert steps[-1].finish.reason == "time" and len(steps) <= 1

@@ -44,7 +44,9 @@ def server(smollm2_folder):
     def run(coro, timeout=120):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
-    srv = NextwordServer(ServerConfig(model=smollm2_folder, port=0, kv_cache_tokens=8192, grace_s=1))
+    srv = NextwordServer(
+        ServerConfig(model=smollm2_folder, port=0, kv_cache_tokens=8192, grace_s=1, metrics_port=0)
+    )
     run(srv.start())
     run(srv.wait_ready())
     yield srv
@@ -222,7 +224,18 @@ def test_serve_command_health_and_graceful_shutdown(smollm2_folder):
     """`nextword serve`: NOT_SERVING until loaded and warm, then SERVING and one ready line; SIGTERM drains an
     in-flight stream and exits 0."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nextword.client.cli", "serve", "--model", str(smollm2_folder), "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "nextword.client.cli",
+            "serve",
+            "--model",
+            str(smollm2_folder),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
