@@ -1,0 +1,643 @@
+"""Matrix products against block-quantized weights: Q8_0 (int8) and Q4_1 (4-bit), llama.cpp's formats.
+
+Weights are stored as plain arrays (see `nextword.weights.quantize`), blocks of 32 along K:
+- Q8_0: `qs` int8 [N, K], `d` uint16 [N, K/32] (fp16 bits);          w = d * q
+- Q4_1: `qs` uint8 [N, K/2], `d`, `m` uint16 [N, K/32] (fp16 bits);   w = d * q + m, q in 0..15; byte j of a
+  block holds element j in its low nibble and element j + 16 in its high nibble.
+
+Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
+- `*_xq` (decode): the activations are quantized per 32-block to int8 (dx = absmax / 127, like llama.cpp's
+  Q8 activations), then each row is an integer dot per block, scaled by d * dx. On AVX2 + F16C hosts this is
+  an explicit-SIMD `@intrinsic` (vpmaddubsw + vpmaddwd, vector accumulators, vcvtph2ps); elsewhere a portable
+  numba loop. The result differs from the exact product by the activation rounding:
+  per block |err| <= 0.5 * dx * sum_j |d * q_j| (the Q4_1 `m` term uses the exact block sum of x).
+- `*_xf` (prefill / batched decode): a few rows are dequantized into a small float32 buffer that is reused
+  for all T tokens (4 rows x 2 tokens register blocking), so each weight byte is read once per call and the
+  activations stay float32 (matches the float64 reference to ~1e-6 relative).
+`matmul_q8_0` / `matmul_q4_1` pick `*_xq` for T <= DECODE_T and `*_xf` above.
+
+All arrays C-contiguous; x, out float32; K a multiple of 32. The kernels allocate only small scratch arrays.
+This file is self-contained: it calls no njit function of another file.
+"""
+
+import platform
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils, config
+from numba.core import codegen as _codegen
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+from nextword.kernels import FASTMATH
+
+QK = 32  # elements per block
+DECODE_T = 1  # token counts up to this use int8 activations (the decode path)
+ROWS = 4  # weight rows dequantized together in the float-activation path
+CHUNK = 16  # rows per parallel work item in the float-activation path (one scratch buffer each)
+
+
+def _host_has_avx2() -> bool:
+    """True when Numba generates code for a CPU with AVX2, FMA and F16C (honours NUMBA_CPU_FEATURES)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    feats = config.CPU_FEATURES if config.CPU_FEATURES is not None else _codegen.get_host_cpu_features()
+    flags = set(feats.split(","))
+    return {"+avx2", "+fma", "+f16c"} <= flags
+
+
+HAVE_AVX2 = _host_has_avx2()
+
+# ---------------------------------------------------------------------------------------------------------
+# fp16 -> fp32
+
+_V = ir.VectorType
+_i1, _i8, _i16, _i32, _f32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+@intrinsic
+def _u32_as_f32(typingctx, u):
+    """Reinterpret the bits of a uint32 as a float32 (plain LLVM bitcast, portable)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _f16_to_f32(h):
+    """fp16 bits (uint16) -> float32 with integer ops only (portable: no F16C, no libcall)."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if e == 0:  # zero or subnormal: mant * 2**-24, exact in float32
+        v = np.float32(mant) * np.float32(5.9604644775390625e-08)
+        return -v if sign else v
+    if e == 31:  # inf / nan
+        return _u32_as_f32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13)))
+    return _u32_as_f32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13)))
+
+
+@intrinsic
+def _f16_to_f32_f16c(typingctx, h):
+    """fp16 bits (uint16) -> float32 by LLVM fpext (one vcvtph2ps with F16C; only used when HAVE_AVX2)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AVX2 row dots (llvmlite IR). Each returns one float32: row i of the weight against token t of the
+# int8-quantized activations.
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _c_array(ty, dtype, ndim):
+    return isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim and ty.layout == "C"
+
+
+def _check_types(name, pairs):
+    for ty, dtype in pairs:
+        if not _c_array(ty, dtype, 2):
+            raise TypingError(f"{name}: expected a C-contiguous 2-D {dtype} array, got {ty}")
+
+
+def _row_ptr(context, builder, aryty, ary, row):
+    """Pointer to the first element of row `row` of a C-contiguous 2-D array, and its row length."""
+    a = context.make_array(aryty)(context, builder, ary)
+    ncol = cgutils.unpack_tuple(builder, a.shape, 2)[1]
+    return builder.gep(a.data, [builder.mul(row, ncol)]), ncol
+
+
+def _splat(builder, value, n):
+    vty = _V(value.type, n)
+    v = builder.insert_element(ir.Constant(vty, None), value, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, None), ir.Constant(_V(_i32, n), [0] * n))
+
+
+def _lane(builder, vec, k):
+    """Broadcast lane k of a float vector to <8 x float>."""
+    return builder.shuffle_vector(vec, ir.Constant(vec.type, None), ir.Constant(_V(_i32, 8), [k] * 8))
+
+
+def _hsum(builder, v, n):
+    s = builder.extract_element(v, ir.Constant(_i32, 0))
+    for k in range(1, n):
+        s = builder.fadd(s, builder.extract_element(v, ir.Constant(_i32, k)))
+    return s
+
+
+def _load_vec(builder, ptr, offset, vty, align):
+    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vty.as_pointer()), align=align)
+
+
+def _halfn_to_f32(builder, ptr, offset, n):
+    """Load n consecutive fp16 (uint16) values and widen them to <n x float> (one vcvtph2ps)."""
+    h = _load_vec(builder, ptr, offset, _V(_i16, n), 2)
+    return builder.fpext(builder.bitcast(h, _V(ir.HalfType(), n)), _V(_f32, n))
+
+
+def _half_to_f32(builder, ptr, offset):
+    return builder.fpext(builder.bitcast(builder.load(builder.gep(ptr, [offset])), ir.HalfType()), _f32)
+
+
+_STEP = 8  # blocks per main-loop iteration (one 8-wide scale vector)
+_NACC = 4  # independent vector accumulators (hides the FMA latency)
+_PREFETCH = 2048  # bytes ahead of the weight stream to prefetch (0: off)
+
+
+def _prefetch(builder, ptr, offset, nlines):
+    """Software prefetch of nlines cache lines, _PREFETCH bytes after ptr + offset (harmless past the end)."""
+    if not _PREFETCH:
+        return
+    pf = _fn(builder, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
+    base = builder.bitcast(ptr, _i8.as_pointer())
+    for k in range(nlines):
+        off = builder.add(offset, ir.Constant(offset.type, _PREFETCH + 64 * k))
+        p = builder.gep(base, [off])  # no inbounds: may point past the array, prefetch never faults
+        builder.call(pf, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+
+
+def _block_loop(builder, nb, step, body, tail):
+    """for u in range(nb // step): body(step * u); then tail(start) once for the remaining blocks."""
+    c = ir.Constant(nb.type, step)
+    nu = builder.udiv(nb, c)
+    with cgutils.for_range(builder, nu) as loop:
+        body(builder.mul(loop.index, c))
+    tail(builder.mul(nu, c))
+
+
+def _sum_accs(builder, accs):
+    v = [builder.load(a) for a in accs]
+    while len(v) > 1:
+        v = [builder.fadd(v[k], v[k + 1]) for k in range(0, len(v), 2)]
+    return v[0]
+
+
+@intrinsic
+def _dot_q8_avx2(typingctx, qs, d, i, xq, dx, t):
+    """sum_b d[i,b] * dx[t,b] * sum_j qs[i, 32b+j] * xq[t, 32b+j]   (AVX2: |w| (x) sign(x, w) via pmaddubsw)"""
+    _check_types("_dot_q8_avx2", [(qs, types.int8), (d, types.uint16), (xq, types.int8), (dx, types.float32)])
+    sig = types.float32(qs, d, types.intp, xq, dx, types.intp)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        row, _ = _row_ptr(context, b, sig.args[0], args[0], args[2])
+        drow, nb = _row_ptr(context, b, sig.args[1], args[1], args[2])
+        xrow, _ = _row_ptr(context, b, sig.args[3], args[3], args[5])
+        dxrow, _ = _row_ptr(context, b, sig.args[4], args[4], args[5])
+        vabs = _fn(b, "llvm.abs.v32i8", _V(_i8, 32), [_V(_i8, 32), _i1])
+        psign = _fn(b, "llvm.x86.avx2.psign.b", _V(_i8, 32), [_V(_i8, 32), _V(_i8, 32)])
+        maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", _V(_i16, 16), [_V(_i8, 32), _V(_i8, 32)])
+        maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [_V(_i16, 16), _V(_i16, 16)])
+        fma = _fn(b, "llvm.fma.v8f32", _V(_f32, 8), [_V(_f32, 8)] * 3)
+        ones = ir.Constant(_V(_i16, 16), [1] * 16)
+        accs = [cgutils.alloca_once_value(b, ir.Constant(_V(_f32, 8), [0.0] * 8)) for _ in range(_NACC)]
+        c32 = ir.Constant(nb.type, QK)
+
+        def block_dot(blk):  # <8 x float>: the integer dot of one block in 8 partial sums
+            off = b.mul(blk, c32)
+            w = _load_vec(b, row, off, _V(_i8, 32), 1)
+            xv = _load_vec(b, xrow, off, _V(_i8, 32), 1)
+            p16 = b.call(maddubs, [b.call(vabs, [w, ir.Constant(_i1, 0)]), b.call(psign, [xv, w])])
+            return b.sitofp(b.call(maddwd, [p16, ones]), _V(_f32, 8))
+
+        def body(base):
+            _prefetch(b, row, b.mul(base, c32), _STEP * QK // 64)
+            scale = b.fmul(_halfn_to_f32(b, drow, base, _STEP), _load_vec(b, dxrow, base, _V(_f32, _STEP), 4))
+            for u in range(_STEP):
+                blk = b.add(base, ir.Constant(nb.type, u))
+                acc = accs[u % _NACC]
+                b.store(b.call(fma, [block_dot(blk), _lane(b, scale, u), b.load(acc)]), acc)
+
+        def tail(start):
+            with cgutils.for_range_slice(b, start, nb, ir.Constant(nb.type, 1)) as (blk, _):
+                s = b.fmul(_half_to_f32(b, drow, blk), b.load(b.gep(dxrow, [blk])))
+                b.store(b.call(fma, [block_dot(blk), _splat(b, s, 8), b.load(accs[0])]), accs[0])
+
+        _block_loop(b, nb, _STEP, body, tail)
+        return _hsum(b, _sum_accs(b, accs), 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _dot_q4_avx2(typingctx, qs, d, m, i, xq, dx, sx, t):
+    """sum_b d[i,b]*dx[t,b] * sum_j q[i, 32b+j] * x[t, 32b+j] + m[i,b] * sx[t,b]   (AVX2, pmaddubsw).
+
+    xq must be in the pair-interleaved order written by quantize_activations_paired: within each pair of
+    blocks (b, b+1) the 64 values are [b 0..15, b+1 0..15, b 16..31, b+1 16..31]; an unpaired last block is
+    in natural order. Then the 32 packed bytes of a pair give, unchanged, the low nibbles (elements 0..15 of
+    both blocks) and the high nibbles (elements 16..31) in the activation order: no byte shuffles."""
+    _check_types(
+        "_dot_q4_avx2",
+        [(qs, types.uint8), (d, types.uint16), (m, types.uint16), (xq, types.int8), (dx, types.float32),
+         (sx, types.float32)],
+    )  # fmt: skip
+    sig = types.float32(qs, d, m, types.intp, xq, dx, sx, types.intp)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        row, _ = _row_ptr(context, b, sig.args[0], args[0], args[3])
+        drow, nb = _row_ptr(context, b, sig.args[1], args[1], args[3])
+        mrow, _ = _row_ptr(context, b, sig.args[2], args[2], args[3])
+        xrow, _ = _row_ptr(context, b, sig.args[4], args[4], args[7])
+        dxrow, _ = _row_ptr(context, b, sig.args[5], args[5], args[7])
+        sxrow, _ = _row_ptr(context, b, sig.args[6], args[6], args[7])
+        maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", _V(_i16, 16), [_V(_i8, 32), _V(_i8, 32)])
+        maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [_V(_i16, 16), _V(_i16, 16)])
+        fma8 = _fn(b, "llvm.fma.v8f32", _V(_f32, 8), [_V(_f32, 8)] * 3)
+        ones = ir.Constant(_V(_i16, 16), [1] * 16)
+        zero8 = ir.Constant(_V(_f32, 8), [0.0] * 8)
+        accs = [cgutils.alloca_once_value(b, zero8) for _ in range(_NACC)]
+        macc = cgutils.alloca_once_value(b, zero8)  # m * sum(x), 8 blocks per lane group
+        mtail = cgutils.alloca_once_value(b, ir.Constant(_f32, 0.0))
+        c16, c32 = ir.Constant(nb.type, QK // 2), ir.Constant(nb.type, QK)
+        one, two = ir.Constant(nb.type, 1), ir.Constant(nb.type, 2)
+
+        def nibbles(vty, packed):
+            lo = b.and_(packed, ir.Constant(vty, [0x0F] * vty.count))
+            return lo, b.lshr(packed, ir.Constant(vty, [4] * vty.count))
+
+        def pair_dot(blk):  # <8 x float>: lanes 0..3 block blk, lanes 4..7 block blk + 1
+            lo, hi = nibbles(_V(_i8, 32), _load_vec(b, row, b.mul(blk, c16), _V(_i8, 32), 1))
+            xoff = b.mul(blk, c32)
+            xa = _load_vec(b, xrow, xoff, _V(_i8, 32), 1)
+            xb = _load_vec(b, xrow, b.add(xoff, c32), _V(_i8, 32), 1)
+            p16 = b.add(b.call(maddubs, [lo, xa]), b.call(maddubs, [hi, xb]))  # <= 4 * 15 * 127: no overflow
+            return b.sitofp(b.call(maddwd, [p16, ones]), _V(_f32, 8))
+
+        def body(base):
+            _prefetch(b, row, b.mul(base, c16), _STEP * QK // 2 // 64)
+            scale = b.fmul(_halfn_to_f32(b, drow, base, _STEP), _load_vec(b, dxrow, base, _V(_f32, _STEP), 4))
+            mins = _halfn_to_f32(b, mrow, base, _STEP)
+            b.store(b.call(fma8, [mins, _load_vec(b, sxrow, base, _V(_f32, _STEP), 4), b.load(macc)]), macc)
+            for p in range(_STEP // 2):
+                sc = b.shuffle_vector(
+                    scale,
+                    ir.Constant(scale.type, None),
+                    ir.Constant(_V(_i32, 8), [2 * p] * 4 + [2 * p + 1] * 4),
+                )
+                blk = b.add(base, ir.Constant(nb.type, 2 * p))
+                acc = accs[p % _NACC]
+                b.store(b.call(fma8, [pair_dot(blk), sc, b.load(acc)]), acc)
+
+        def scalar_scale(blk):
+            s = b.fmul(_half_to_f32(b, drow, blk), b.load(b.gep(dxrow, [blk])))
+            mt = b.fmul(_half_to_f32(b, mrow, blk), b.load(b.gep(sxrow, [blk])))
+            b.store(b.fadd(b.load(mtail), mt), mtail)
+            return s
+
+        def tail(start):
+            npairs = b.udiv(b.sub(nb, start), two)
+            with cgutils.for_range(b, npairs) as loop:  # remaining complete pairs
+                blk = b.add(start, b.mul(loop.index, two))
+                s0, s1 = scalar_scale(blk), scalar_scale(b.add(blk, one))
+                sc = b.shuffle_vector(
+                    _splat(b, s0, 8), _splat(b, s1, 8), ir.Constant(_V(_i32, 8), [0] * 4 + [8] * 4)
+                )
+                b.store(b.call(fma8, [pair_dot(blk), sc, b.load(accs[0])]), accs[0])
+            last = b.add(start, b.mul(npairs, two))
+            with b.if_then(b.icmp_unsigned("<", last, nb)):  # an odd last block, activations in natural order
+                s = scalar_scale(last)
+                lo, hi = nibbles(_V(_i8, 16), _load_vec(b, row, b.mul(last, c16), _V(_i8, 16), 1))
+                w = b.shuffle_vector(lo, hi, ir.Constant(_V(_i32, 32), list(range(32))))
+                xv = _load_vec(b, xrow, b.mul(last, c32), _V(_i8, 32), 1)
+                dot = b.sitofp(b.call(maddwd, [b.call(maddubs, [w, xv]), ones]), _V(_f32, 8))
+                b.store(b.call(fma8, [dot, _splat(b, s, 8), b.load(accs[1])]), accs[1])
+
+        _block_loop(b, nb, _STEP, body, tail)
+        v = b.fadd(_sum_accs(b, accs), b.load(macc))
+        return b.fadd(_hsum(b, v, 8), b.load(mtail))
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block dequantization into a float32 buffer, in target-independent LLVM vector IR (numba's own loops for
+# this stay scalar: the unrolled 32-element body does not SLP-vectorize). Legal on any LLVM target.
+
+
+@intrinsic
+def _dequant_q8_block(typingctx, buf, r, qs, i, b, s):
+    """buf[r, 32b : 32b+32] = float(qs[i, 32b : 32b+32]) * s"""
+    _check_types("_dequant_q8_block", [(buf, types.float32), (qs, types.int8)])
+    sig = types.void(buf, types.intp, qs, types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        out, _ = _row_ptr(context, b, sig.args[0], args[0], args[1])
+        row, _ = _row_ptr(context, b, sig.args[2], args[2], args[3])
+        off = b.mul(args[4], ir.Constant(args[4].type, QK))
+        q = b.sitofp(_load_vec(b, row, off, _V(_i8, QK), 1), _V(_f32, QK))
+        v = b.fmul(q, _splat(b, args[5], QK))
+        b.store(v, b.bitcast(b.gep(out, [off]), _V(_f32, QK).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _dequant_q4_block(typingctx, buf, r, qs, i, b, s, mn):
+    """buf[r, 32b + j] = s * q_j + mn for the 32 nibbles of block b of row i (llama.cpp order)"""
+    _check_types("_dequant_q4_block", [(buf, types.float32), (qs, types.uint8)])
+    sig = types.void(buf, types.intp, qs, types.intp, types.intp, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        out, _ = _row_ptr(context, b, sig.args[0], args[0], args[1])
+        row, _ = _row_ptr(context, b, sig.args[2], args[2], args[3])
+        H = QK // 2
+        packed = _load_vec(b, row, b.mul(args[4], ir.Constant(args[4].type, H)), _V(_i8, H), 1)
+        off = b.mul(args[4], ir.Constant(args[4].type, QK))
+        s, mn = _splat(b, args[5], H), _splat(b, args[6], H)
+        lo = b.and_(packed, ir.Constant(_V(_i8, H), [0x0F] * H))  # elements 0..15
+        hi = b.lshr(packed, ir.Constant(_V(_i8, H), [4] * H))  # elements 16..31
+        for half, q in ((0, lo), (H, hi)):
+            v = b.fadd(b.fmul(b.uitofp(q, _V(_f32, H)), s), mn)
+            dst = b.gep(out, [b.add(off, ir.Constant(off.type, half))])
+            b.store(v, b.bitcast(dst, _V(_f32, H).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Portable row dots (same contract as the AVX2 ones): plain numba, int32 sums per block.
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dot_q8_portable(qs, d, i, xq, dx, t):
+    nb = d.shape[1]
+    bs = qs.shape[1] // nb  # runtime block size: a literal 32 would be unrolled and not vectorized
+    q = qs[i]
+    xr = xq[t]
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * bs  # (range(o, o + bs) here made LLVM give up vectorizing: 6x slower)
+        s = np.int32(0)
+        for j in range(bs):
+            s += np.int32(q[o + j]) * np.int32(xr[o + j])
+        acc += _f16_to_f32(d[i, b]) * dx[t, b] * np.float32(s)
+    return acc
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dot_q4_portable(qs, d, m, i, xq, dx, sx, t):
+    nb = d.shape[1]
+    half = qs.shape[1] // nb
+    q = qs[i]
+    xr = xq[t]
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * half
+        x0 = 2 * o
+        s = np.int32(0)
+        for j in range(half):
+            byte = np.int32(q[o + j])
+            s += (byte & np.int32(15)) * np.int32(xr[x0 + j]) + (byte >> np.int32(4)) * np.int32(
+                xr[x0 + half + j]
+            )
+        acc += _f16_to_f32(d[i, b]) * dx[t, b] * np.float32(s) + _f16_to_f32(m[i, b]) * sx[t, b]
+    return acc
+
+
+_dot_q8 = _dot_q8_avx2 if HAVE_AVX2 else _dot_q8_portable
+_dot_q4 = _dot_q4_avx2 if HAVE_AVX2 else _dot_q4_portable
+_h2f = _f16_to_f32_f16c if HAVE_AVX2 else _f16_to_f32
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation quantization (llama.cpp's Q8 activations: per 32-block, dx = absmax / 127, q = round(x / dx))
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def _act_block(dx, sx, x, t, b):
+    """Scale and sum of block b of token t; returns 1 / dx (0 for an all-zero block)."""
+    amax = np.float32(0.0)
+    s = np.float32(0.0)
+    for j in range(b * QK, b * QK + QK):
+        v = x[t, j]
+        amax = max(amax, abs(v))
+        s += v
+    dx[t, b] = amax / np.float32(127.0)
+    sx[t, b] = s
+    return np.float32(127.0) / amax if amax > np.float32(0.0) else np.float32(0.0)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def quantize_activations(xq, dx, sx, x):
+    """dx[t, b] = max_j |x[t, 32b+j]| / 127; xq = round(x / dx) (int8); sx[t, b] = sum_j x[t, 32b+j].
+    xq: [T, K] int8; dx, sx: [T, K/32] float32; x: [T, K] float32"""
+    T, K = x.shape
+    for t in range(T):
+        for b in range(K // QK):
+            inv = _act_block(dx, sx, x, t, b)
+            for j in range(b * QK, b * QK + QK):
+                xq[t, j] = np.int8(np.floor(x[t, j] * inv + np.float32(0.5)))
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def quantize_activations_paired(xq, dx, sx, x):
+    """`quantize_activations` with xq in the order `_dot_q4_avx2` reads: within each pair of blocks
+    (2p, 2p+1) the 64 values are [2p: 0..15, 2p+1: 0..15, 2p: 16..31, 2p+1: 16..31]; an odd last block
+    stays in natural order."""
+    T, K = x.shape
+    nb = K // QK
+    H = QK // 2
+    for t in range(T):
+        for b in range(nb):
+            inv = _act_block(dx, sx, x, t, b)
+            if (b | 1) < nb:  # b belongs to a complete pair
+                lo = (b >> 1) * 2 * QK + (b & 1) * H  # where elements 0..15 go; 16..31 go QK further
+                for j in range(H):
+                    xq[t, lo + j] = np.int8(np.floor(x[t, b * QK + j] * inv + np.float32(0.5)))
+                    xq[t, lo + QK + j] = np.int8(np.floor(x[t, b * QK + H + j] * inv + np.float32(0.5)))
+            else:
+                for j in range(b * QK, b * QK + QK):
+                    xq[t, j] = np.int8(np.floor(x[t, j] * inv + np.float32(0.5)))
+
+
+_quantize_act_q4 = quantize_activations_paired if HAVE_AVX2 else quantize_activations
+
+
+@njit(cache=True, nogil=True)
+def _check(out, x, n, nb):
+    T, K = x.shape
+    if K != nb * QK:
+        raise ValueError("x.shape[1] must equal 32 * number of blocks of the weight")
+    if out.shape[0] != T or out.shape[1] != n:
+        raise ValueError("out must be [T, N]")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Float-activation path: dequantize ROWS rows into a buffer, then a 4 rows x 2 tokens register-blocked product.
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _rows_times_x(out, x, buf, i0, nr):
+    """out[t, i0 + r] = dot(x[t], buf[r]) for r < nr.   buf: [ROWS, K] float32"""
+    T, K = x.shape
+    if nr == 4:
+        t = 0
+        while t + 1 < T:
+            a00 = a01 = a02 = a03 = np.float32(0.0)
+            a10 = a11 = a12 = a13 = np.float32(0.0)
+            for k in range(K):
+                x0 = x[t, k]
+                x1 = x[t + 1, k]
+                w0, w1, w2, w3 = buf[0, k], buf[1, k], buf[2, k], buf[3, k]
+                a00 += x0 * w0
+                a01 += x0 * w1
+                a02 += x0 * w2
+                a03 += x0 * w3
+                a10 += x1 * w0
+                a11 += x1 * w1
+                a12 += x1 * w2
+                a13 += x1 * w3
+            out[t, i0], out[t, i0 + 1], out[t, i0 + 2], out[t, i0 + 3] = a00, a01, a02, a03
+            out[t + 1, i0], out[t + 1, i0 + 1], out[t + 1, i0 + 2], out[t + 1, i0 + 3] = a10, a11, a12, a13
+            t += 2
+        if t < T:
+            a00 = a01 = a02 = a03 = np.float32(0.0)
+            for k in range(K):
+                x0 = x[t, k]
+                a00 += x0 * buf[0, k]
+                a01 += x0 * buf[1, k]
+                a02 += x0 * buf[2, k]
+                a03 += x0 * buf[3, k]
+            out[t, i0], out[t, i0 + 1], out[t, i0 + 2], out[t, i0 + 3] = a00, a01, a02, a03
+    else:
+        for r in range(nr):
+            for t in range(T):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[t, k] * buf[r, k]
+                out[t, i0 + r] = acc
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q8_0_xf(out, x, qs, d):
+    """out = x @ dequant(qs, d).T with float32 activations.   out: [T, N]; x: [T, K]; qs: int8 [N, K]; d: uint16 [N, K/32]"""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    K = x.shape[1]
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        buf = np.empty((ROWS, K), np.float32)
+        for i0 in range(c * CHUNK, min(N, c * CHUNK + CHUNK), ROWS):
+            nr = min(ROWS, N - i0)
+            for r in range(nr):
+                for b in range(nb):
+                    _dequant_q8_block(buf, r, qs, i0 + r, b, _h2f(d[i0 + r, b]))
+            _rows_times_x(out, x, buf, i0, nr)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q4_1_xf(out, x, qs, d, m):
+    """out = x @ dequant(qs, d, m).T with float32 activations.   qs: uint8 [N, K/2]; d, m: uint16 [N, K/32]"""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    K = x.shape[1]
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        buf = np.empty((ROWS, K), np.float32)
+        for i0 in range(c * CHUNK, min(N, c * CHUNK + CHUNK), ROWS):
+            nr = min(ROWS, N - i0)
+            for r in range(nr):
+                for b in range(nb):
+                    _dequant_q4_block(buf, r, qs, i0 + r, b, _h2f(d[i0 + r, b]), _h2f(m[i0 + r, b]))
+            _rows_times_x(out, x, buf, i0, nr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# int8-activation path (decode). Each row is read once for all T tokens (it stays in L1 between tokens).
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q8_0_xq(out, x, qs, d):
+    """out ~= x @ dequant(qs, d).T with int8-quantized activations (AVX2 when available)."""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    T, K = x.shape
+    xq = np.empty((T, K), np.int8)
+    dx = np.empty((T, nb), np.float32)
+    sx = np.empty((T, nb), np.float32)
+    quantize_activations(xq, dx, sx, x)
+    for i in prange(N):
+        for t in range(T):
+            out[t, i] = _dot_q8(qs, d, i, xq, dx, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q4_1_xq(out, x, qs, d, m):
+    """out ~= x @ dequant(qs, d, m).T with int8-quantized activations (AVX2 when available)."""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    T, K = x.shape
+    xq = np.empty((T, K), np.int8)
+    dx = np.empty((T, nb), np.float32)
+    sx = np.empty((T, nb), np.float32)
+    _quantize_act_q4(xq, dx, sx, x)
+    for i in prange(N):
+        for t in range(T):
+            out[t, i] = _dot_q4(qs, d, m, i, xq, dx, sx, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q8_0_xq_portable(out, x, qs, d):
+    """`matmul_q8_0_xq` without the AVX2 intrinsic (what non-AVX2 hosts run)."""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    T, K = x.shape
+    xq = np.empty((T, K), np.int8)
+    dx = np.empty((T, nb), np.float32)
+    sx = np.empty((T, nb), np.float32)
+    quantize_activations(xq, dx, sx, x)
+    for i in prange(N):
+        for t in range(T):
+            out[t, i] = _dot_q8_portable(qs, d, i, xq, dx, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q4_1_xq_portable(out, x, qs, d, m):
+    """`matmul_q4_1_xq` without the AVX2 intrinsic (what non-AVX2 hosts run)."""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    T, K = x.shape
+    xq = np.empty((T, K), np.int8)
+    dx = np.empty((T, nb), np.float32)
+    sx = np.empty((T, nb), np.float32)
+    quantize_activations(xq, dx, sx, x)
+    for i in prange(N):
+        for t in range(T):
+            out[t, i] = _dot_q4_portable(qs, d, m, i, xq, dx, sx, t)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry points. Plain Python on purpose: a cached njit function that calls a parallel=True one can segfault
+# when loaded from the cache (numba issue #8578; reproduced here with numba 0.68), so the T dispatch stays
+# in Python (~0.2 us).
+
+
+def matmul_q8_0(out: np.ndarray, x: np.ndarray, qs: np.ndarray, d: np.ndarray) -> None:
+    """out[T, N] = x[T, K] @ dequant(Q8_0 weight).T: int8 activations for T <= DECODE_T, float32 above.
+    out: [T, N] float32; x: [T, K] float32; qs: int8 [N, K]; d: uint16 [N, K/32] fp16 bits"""
+    if x.shape[0] <= DECODE_T:
+        matmul_q8_0_xq(out, x, qs, d)
+    else:
+        matmul_q8_0_xf(out, x, qs, d)
+
+
+def matmul_q4_1(out: np.ndarray, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray) -> None:
+    """out[T, N] = x[T, K] @ dequant(Q4_1 weight).T: int8 activations for T <= DECODE_T, float32 above.
+    out: [T, N] float32; x: [T, K] float32; qs: uint8 [N, K/2] (llama.cpp nibble order); d, m: uint16 [N, K/32]"""
+    if x.shape[0] <= DECODE_T:
+        matmul_q4_1_xq(out, x, qs, d, m)
+    else:
+        matmul_q4_1_xf(out, x, qs, d, m)

@@ -1,0 +1,238 @@
+"""Q8_0 / Q4_1 weights: the quantizers byte for byte against gguf-py (llama.cpp's reference quantizers), and
+every kernel against a float64 NumPy product with the same dequantized weights."""
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+
+from nextword.kernels import quant as kq
+from nextword.weights.quantize import (
+    Q4Weight,
+    Q8Weight,
+    dequantize,
+    from_gguf_blocks,
+    quantize_q4_1,
+    quantize_q8_0,
+    to_gguf_blocks,
+)
+
+QUANTIZERS = {"Q8_0": (quantize_q8_0, GT.Q8_0), "Q4_1": (quantize_q4_1, GT.Q4_1)}
+
+
+def weight(rng, n, k, special=True):
+    """[n, k] float32 with per-row scales and, if special, blocks that hit the edge cases of the quantizers."""
+    w = rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 1, size=(n, 1)))
+    if special and k >= 32:
+        kinds = [
+            np.zeros(32),  # d = 0 (Q8_0 and Q4_1)
+            np.full(32, -0.75),  # constant block: Q4_1 d = 0, m = x
+            np.arange(32) - 15.5,  # Q8_0 ties: x / d lands on .5 (roundf rounds away from zero)
+            np.r_[127.0, np.arange(31) + 0.5],  # d = 1 exactly, every x a tie
+            rng.standard_normal(32) * 1e-6,  # fp16 subnormal scales
+            rng.uniform(-6e4, 6e4, 32),  # scales near the top of the fp16 range
+            np.abs(rng.standard_normal(32)) + 2.0,  # all positive: Q4_1 m > 0
+        ]
+        for i in range(min(n, len(kinds))):
+            w[i, (i % (k // 32)) * 32 : (i % (k // 32)) * 32 + 32] = kinds[i]
+    return w.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantizers
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("n", [1, 3, 65])
+@pytest.mark.parametrize("k", [32, 96, 576])
+def test_quantizer_bit_exact_with_gguf(kind, n, k):
+    quantize, gtype = QUANTIZERS[kind]
+    w = weight(np.random.default_rng(n * 1000 + k), n, k)
+    ours = quantize(w)
+    expect = gguf.quants.quantize(w, gtype)  # uint8 [n, k/32 * block bytes]
+    np.testing.assert_array_equal(to_gguf_blocks(ours), expect)
+    np.testing.assert_array_equal(dequantize(ours), gguf.quants.dequantize(expect, gtype))
+    assert ours.shape == (n, k)
+    assert dequantize(ours).dtype == np.float32
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+def test_from_gguf_blocks_round_trip(kind):
+    quantize, gtype = QUANTIZERS[kind]
+    w = weight(np.random.default_rng(7), 9, 160)
+    raw = gguf.quants.quantize(w, gtype)
+    for k in (kind, gtype):  # a name or the gguf enum
+        got = from_gguf_blocks(raw, k)
+        expect = quantize(w)
+        assert type(got) is type(expect)
+        for name in ("qs", "d", "m"):
+            if hasattr(expect, name):
+                a, b = getattr(got, name), getattr(expect, name)
+                assert a.dtype == b.dtype and a.flags.c_contiguous
+                np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(to_gguf_blocks(got), raw)
+
+
+def test_from_gguf_blocks_keeps_nan_and_inf_bits():
+    """No float round trip: arbitrary fp16 bit patterns (NaN payloads, inf, -0) come through unchanged."""
+    raw = np.random.default_rng(3).integers(0, 256, size=(4, 3 * 20), dtype=np.uint8)
+    raw[0, 0:2] = [0x01, 0x7E]  # a NaN with payload
+    raw[1, 2:4] = [0x00, 0xFC]  # -inf as m
+    w = from_gguf_blocks(raw, "Q4_1")
+    assert w.d[0, 0] == 0x7E01 and w.m[1, 0] == 0xFC00
+    np.testing.assert_array_equal(to_gguf_blocks(w), raw)
+
+
+def test_sizes_and_validation():
+    w8, w4 = quantize_q8_0(np.ones((3, 64), np.float32)), quantize_q4_1(np.ones((3, 64), np.float32))
+    assert w8.shape == w4.shape == (3, 64)
+    assert w8.nbytes == 3 * 64 + 3 * 2 * 2  # 1.0625 bytes per weight
+    assert w4.nbytes == 3 * 32 + 2 * 3 * 2 * 2  # 0.625
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        quantize_q8_0(np.ones((2, 48), np.float32))
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        quantize_q4_1(np.ones((2, 33), np.float32))
+    with pytest.raises(ValueError, match="unsupported block format"):
+        from_gguf_blocks(np.zeros((1, 34), np.uint8), "Q4_0")
+    with pytest.raises(ValueError, match="not a multiple"):
+        from_gguf_blocks(np.zeros((1, 35), np.uint8), "Q8_0")
+    with pytest.raises(ValueError, match="do not match"):
+        Q8Weight(qs=np.zeros((2, 64), np.int8), d=np.zeros((2, 3), np.uint16))
+    with pytest.raises(ValueError, match="uint8"):
+        Q4Weight(qs=np.zeros((2, 32), np.int8), d=np.zeros((2, 2), np.uint16), m=np.zeros((2, 2), np.uint16))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+
+
+def kernel_args(w):
+    return (w.qs, w.d) if isinstance(w, Q8Weight) else (w.qs, w.d, w.m)
+
+
+KERNELS = {  # format: (auto, int8 activations, int8 activations portable, float activations)
+    "Q8_0": (kq.matmul_q8_0, kq.matmul_q8_0_xq, kq.matmul_q8_0_xq_portable, kq.matmul_q8_0_xf),
+    "Q4_1": (kq.matmul_q4_1, kq.matmul_q4_1_xq, kq.matmul_q4_1_xq_portable, kq.matmul_q4_1_xf),
+}
+
+
+def activations(rng, t, k):
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    x[:, :: max(1, k // 5)] *= 20  # outliers: coarse int8 steps in their blocks
+    return x
+
+
+def int8_error_bound(x, w):
+    """Bound on |x @ W.T - (int8-activation result)|: with dx = absmax(x_block) / 127 the activations move by
+    at most dx / 2, so per block |err| <= dx / 2 * sum_j |d q_j| (Q4_1: the m term uses the exact sum of x)."""
+    t, k = x.shape
+    amax = np.abs(x.astype(np.float64)).reshape(t, k // 32, 32).max(axis=2)  # [T, nb]
+    dq = dequantize(w).astype(np.float64)
+    if isinstance(w, Q4Weight):
+        dq = dq - np.repeat(w.m.view(np.float16).astype(np.float64), 32, axis=1)
+    wsum = np.abs(dq).reshape(dq.shape[0], k // 32, 32).sum(axis=2)  # [N, nb]
+    return 0.5 * (amax / 127) @ wsum.T  # [T, N]
+
+
+def check_kernels(kind, t, n, k, seed):
+    rng = np.random.default_rng(seed)
+    w = QUANTIZERS[kind][0](weight(rng, n, k, special=False))
+    x = activations(rng, t, k)
+    auto, xq, xq_portable, xf = KERNELS[kind]
+    wd = dequantize(w).astype(np.float64)
+    ref = x.astype(np.float64) @ wd.T
+    scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T  # the size of the sum, for float tolerances
+    bound = int8_error_bound(x, w) * 1.0001 + 1e-5 * scale
+
+    outs = {}
+    for name, fn in (("xq", xq), ("xq_portable", xq_portable), ("xf", xf), ("auto", auto)):
+        out = np.full((t, n), np.nan, np.float32)
+        fn(out, x, *kernel_args(w))
+        outs[name] = out
+    # float activations: the exact product up to float32 rounding
+    assert np.all(np.abs(outs["xf"] - ref) <= 1e-5 * scale)
+    # int8 activations: within the activation-rounding bound, and both implementations agree
+    for name in ("xq", "xq_portable"):
+        err = np.abs(outs[name] - ref)
+        assert np.all(err <= bound), f"{name}: max excess {(err - bound).max()}"
+    np.testing.assert_allclose(outs["xq"], outs["xq_portable"], rtol=0, atol=1e-5 * scale.max())
+    # the entry point picks int8 activations for decode, float activations otherwise
+    np.testing.assert_array_equal(outs["auto"], outs["xq"] if t <= kq.DECODE_T else outs["xf"])
+    return outs, ref, scale
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("t", [1, 2, 5, 17])
+@pytest.mark.parametrize("n", [1, 7, 64, 96])
+@pytest.mark.parametrize("k", [32, 64, 576])
+def test_kernels_match_reference(kind, t, n, k):
+    check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("k", [96, 288, 512, 544, 1536])
+def test_kernels_block_loop_tails(kind, k):
+    """Blocks per row: 3 (a pair + odd block), 9 (8 + odd), 16 (loop only), 17 (8 + 8 + odd), 48."""
+    check_kernels(kind, 3, 5, k, seed=k)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+def test_decode_path_really_quantizes_activations(kind):
+    """Not exact by accident: the T=1 path deviates from the exact product by more than the float path
+    tolerance (so the int8 path is what ran), while staying inside its bound (checked in check_kernels)."""
+    outs, ref, scale = check_kernels(kind, 1, 64, 576, seed=5)
+    assert np.abs(outs["auto"] - ref).max() > 1e-4 * scale.max()
+    assert np.abs(outs["xf"] - ref).max() < 1e-6 * scale.max()
+
+
+def test_quantize_activations_orders():
+    rng = np.random.default_rng(11)
+    x = activations(rng, 2, 160)  # 5 blocks: two pairs and an odd one
+    shape, nb = x.shape, x.shape[1] // 32
+    xq, xq2 = np.empty(shape, np.int8), np.empty(shape, np.int8)
+    dx, sx = np.empty((2, nb), np.float32), np.empty((2, nb), np.float32)
+    kq.quantize_activations(xq, dx, sx, x)
+    np.testing.assert_allclose(dx, np.abs(x).reshape(2, nb, 32).max(axis=2) / 127, rtol=1e-6)
+    np.testing.assert_allclose(sx, x.reshape(2, nb, 32).sum(axis=2), rtol=1e-5, atol=1e-4)
+    assert np.all(np.abs(xq * np.repeat(dx, 32, axis=1) - x) <= 0.5 * np.repeat(dx, 32, axis=1) * 1.0001)
+    kq.quantize_activations_paired(xq2, dx, sx, x)
+    b = xq.reshape(2, nb, 32)
+    pairs = [
+        np.concatenate([b[:, p, :16], b[:, p + 1, :16], b[:, p, 16:], b[:, p + 1, 16:]], axis=1)
+        for p in (0, 2)
+    ]
+    np.testing.assert_array_equal(xq2, np.concatenate([*pairs, b[:, 4]], axis=1))
+
+
+def test_shape_errors():
+    w = quantize_q8_0(np.ones((4, 64), np.float32))
+    with pytest.raises(ValueError, match="32 \\* number of blocks"):
+        kq.matmul_q8_0_xq(np.empty((1, 4), np.float32), np.ones((1, 32), np.float32), w.qs, w.d)
+    with pytest.raises(ValueError, match="out must be"):
+        kq.matmul_q8_0_xf(np.empty((2, 3), np.float32), np.ones((2, 64), np.float32), w.qs, w.d)
+
+
+def test_cpu_feature_selection():
+    assert kq.HAVE_AVX2 == kq._host_has_avx2()
+    assert (kq._dot_q8 is kq._dot_q8_avx2) == kq.HAVE_AVX2
+    assert (kq._dot_q4 is kq._dot_q4_avx2) == kq.HAVE_AVX2
+
+
+def test_one_compilation_per_kernel():
+    """No float64 or layout leak: after running every kernel (here and above), each has one signature."""
+    check_kernels("Q8_0", 2, 8, 64, seed=1)
+    check_kernels("Q4_1", 1, 8, 64, seed=1)
+    kernels = [*KERNELS["Q8_0"][1:], *KERNELS["Q4_1"][1:], kq.quantize_activations, kq._quantize_act_q4]
+    assert {k.py_func.__name__: len(k.signatures) for k in kernels} == {
+        k.py_func.__name__: 1 for k in kernels
+    }
+
+
+def test_portable_fp16_conversion_all_bit_patterns():
+    """The integer-only fp16 -> fp32 of the portable kernels, bit for bit against NumPy on all 65536 values."""
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = np.array([kq._f16_to_f32(h) for h in bits], dtype=np.float32)
+    expect = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(expect)  # (signalling NaNs get quieted on the way back to Python: compare NaN-ness only)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), expect[~nan].view(np.uint32))

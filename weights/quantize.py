@@ -1,0 +1,196 @@
+"""Block-quantized weight formats, bit-exact with llama.cpp (and GGUF files): Q8_0 and Q4_1.
+
+Blocks are 32 consecutive elements along K (the input dimension) of a [N, K] weight. The blocks are kept as
+plain arrays (structure of arrays) so the kernels in `nextword.kernels.quant` can stream them:
+
+- Q8_0: value = d * q, q int8 in -127..127; `d` = absmax / 127 stored as fp16 bits (uint16).
+- Q4_1: value = d * q + m, q in 0..15; `d` = (max - min) / 15 and `m` = min, both fp16 bits. Byte j of a
+  block holds element j in its low nibble and element j + 16 in its high nibble (llama.cpp's order).
+
+The quantizers follow ggml's quantize_row_q8_0_ref / quantize_row_q4_1_ref step by step in float32 (the same
+operations as gguf-py's `gguf.quants`, which tests/test_quant.py checks byte for byte).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+QK = 32  # elements per block
+Q8_0_BLOCK_BYTES = 2 + QK  # GGUF: fp16 d, 32 x int8
+Q4_1_BLOCK_BYTES = 2 + 2 + QK // 2  # GGUF: fp16 d, fp16 m, 16 bytes of nibbles
+
+
+@dataclass(frozen=True)
+class Q8Weight:
+    qs: np.ndarray  # int8 [N, K]
+    d: np.ndarray  # uint16 [N, K//32] fp16 bits
+
+    def __post_init__(self):
+        _need(self.qs, np.int8, "qs")
+        _need(self.d, np.uint16, "d")
+        n, k = self.qs.shape
+        if k % QK or self.d.shape != (n, k // QK):
+            raise ValueError(f"Q8Weight: qs {self.qs.shape} and d {self.d.shape} do not match")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes
+
+
+@dataclass(frozen=True)
+class Q4Weight:
+    qs: np.ndarray  # uint8 [N, K//2], llama.cpp nibble order per 32-block
+    d: np.ndarray  # uint16 [N, K//32] fp16 bits
+    m: np.ndarray  # uint16 [N, K//32] fp16 bits
+
+    def __post_init__(self):
+        _need(self.qs, np.uint8, "qs")
+        _need(self.d, np.uint16, "d")
+        _need(self.m, np.uint16, "m")
+        n, half = self.qs.shape
+        if half % (QK // 2) or self.d.shape != (n, half * 2 // QK) or self.m.shape != self.d.shape:
+            raise ValueError(f"Q4Weight: qs {self.qs.shape}, d {self.d.shape}, m {self.m.shape} do not match")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.qs.shape[0], self.qs.shape[1] * 2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes + self.m.nbytes
+
+
+def _need(a: np.ndarray, dtype, name: str) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != 2 or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous 2-D {np.dtype(dtype).name} array")
+
+
+def _blocks(w: np.ndarray) -> np.ndarray:
+    """[N, K] -> float32 [N, K/32, 32]."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {w.shape}")
+    n, k = w.shape
+    if k % QK:
+        raise ValueError(f"K = {k} is not a multiple of the block size {QK}")
+    return np.ascontiguousarray(w, dtype=np.float32).reshape(n, k // QK, QK)
+
+
+def _fp16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> fp16 bits, round to nearest even (GGML_FP32_TO_FP16)."""
+    return np.ascontiguousarray(x.astype(np.float16).view(np.uint16))
+
+
+def _fp16_value(bits: np.ndarray) -> np.ndarray:
+    return bits.view(np.float16).astype(np.float32)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    """id = d ? 1/d : 0, in float32."""
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0.0), np.float32(1.0) / d).astype(np.float32)
+
+
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero), exact in float32 (floor(2 * frac) decides the rounding)."""
+    a = np.abs(x)
+    f = np.floor(a)
+    return np.sign(x) * (f + np.floor(np.float32(2.0) * (a - f)))
+
+
+def quantize_q8_0(w: np.ndarray) -> Q8Weight:
+    """llama.cpp quantize_row_q8_0_ref: d = absmax / 127, q = roundf(x * (1 / d)).   w: float32 [N, K]"""
+    x = _blocks(w)
+    n, nb, _ = x.shape
+    d = np.abs(x).max(axis=2, keepdims=True) / np.float32(127.0)  # float32 [N, nb, 1]
+    q = _roundf(x * _inverse(d))
+    return Q8Weight(qs=q.astype(np.int8).reshape(n, nb * QK), d=_fp16_bits(d.reshape(n, nb)))
+
+
+def quantize_q4_1(w: np.ndarray) -> Q4Weight:
+    """llama.cpp quantize_row_q4_1_ref: d = (max - min) / 15, q = min(15, (int)((x - min) * (1 / d) + 0.5f))."""
+    x = _blocks(w)
+    n, nb, _ = x.shape
+    lo = x.min(axis=2, keepdims=True)
+    d = (x.max(axis=2, keepdims=True) - lo) / np.float32(15.0)
+    q = np.trunc((x - lo) * _inverse(d) + np.float32(0.5)).astype(np.uint8)
+    q = np.minimum(q, np.uint8(15))
+    qs = q[:, :, : QK // 2] | (q[:, :, QK // 2 :] << np.uint8(4))  # [N, nb, 16]
+    return Q4Weight(
+        qs=np.ascontiguousarray(qs.reshape(n, nb * QK // 2)),
+        d=_fp16_bits(d.reshape(n, nb)),
+        m=_fp16_bits(lo.reshape(n, nb)),
+    )
+
+
+def dequantize(w: Q8Weight | Q4Weight) -> np.ndarray:
+    """The reference dequantization, float32 [N, K] (bit-identical to gguf-py's)."""
+    if isinstance(w, Q8Weight):
+        n, k = w.shape
+        x = w.qs.reshape(n, k // QK, QK).astype(np.float32) * _fp16_value(w.d)[:, :, None]
+        return x.reshape(n, k)
+    if isinstance(w, Q4Weight):
+        n, k = w.shape
+        packed = w.qs.reshape(n, k // QK, QK // 2)
+        q = np.concatenate([packed & np.uint8(15), packed >> np.uint8(4)], axis=2).astype(np.float32)
+        x = _fp16_value(w.d)[:, :, None] * q + _fp16_value(w.m)[:, :, None]
+        return x.reshape(n, k)
+    raise TypeError(f"not a quantized weight: {type(w).__name__}")
+
+
+def _kind_name(kind) -> str:
+    """'Q8_0' / 'Q4_1' from a string or a gguf.GGMLQuantizationType member."""
+    name = getattr(kind, "name", kind)
+    if name not in ("Q8_0", "Q4_1"):
+        raise ValueError(f"unsupported block format {kind!r} (supported: Q8_0, Q4_1)")
+    return name
+
+
+def from_gguf_blocks(raw: np.ndarray, kind) -> Q8Weight | Q4Weight:
+    """Split GGUF/ggml blocks into the arrays above, byte for byte (no float round trip).
+
+    raw: uint8 [N, nblocks * block_bytes], as `gguf.GGUFReader` exposes a quantized tensor's data
+    (Q8_0 block = fp16 d + 32 int8; Q4_1 block = fp16 d + fp16 m + 16 bytes). kind: "Q8_0" / "Q4_1" or the
+    matching `gguf.GGMLQuantizationType`."""
+    name = _kind_name(kind)
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim != 2:
+        raise ValueError(f"raw must be a 2-D uint8 array, got {raw.dtype} {raw.shape}")
+    size = Q8_0_BLOCK_BYTES if name == "Q8_0" else Q4_1_BLOCK_BYTES
+    n, nbytes = raw.shape
+    if nbytes % size:
+        raise ValueError(f"{name}: {nbytes} bytes per row is not a multiple of the block size {size}")
+    blocks = raw.reshape(n, nbytes // size, size)
+    nb = blocks.shape[1]
+
+    def u16(lo: int) -> np.ndarray:  # little-endian fp16 bits at byte offset lo of each block
+        return np.ascontiguousarray(blocks[:, :, lo : lo + 2]).view("<u2").reshape(n, nb).astype(np.uint16)
+
+    if name == "Q8_0":
+        qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(n, nb * QK)
+        return Q8Weight(qs=qs, d=u16(0))
+    qs = np.ascontiguousarray(blocks[:, :, 4:]).reshape(n, nb * QK // 2)
+    return Q4Weight(qs=qs, d=u16(0), m=u16(2))
+
+
+def to_gguf_blocks(w: Q8Weight | Q4Weight) -> np.ndarray:
+    """The inverse of `from_gguf_blocks`: uint8 [N, nblocks * block_bytes] in GGUF's block layout."""
+    n, k = w.shape
+    nb = k // QK
+
+    def u8(bits: np.ndarray) -> np.ndarray:
+        return bits.astype("<u2").view(np.uint8).reshape(n, nb, 2)
+
+    if isinstance(w, Q8Weight):
+        parts = [u8(w.d), w.qs.view(np.uint8).reshape(n, nb, QK)]
+    elif isinstance(w, Q4Weight):
+        parts = [u8(w.d), u8(w.m), w.qs.reshape(n, nb, QK // 2)]
+    else:
+        raise TypeError(f"not a quantized weight: {type(w).__name__}")
+    return np.concatenate(parts, axis=2).reshape(n, -1)
