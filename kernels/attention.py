@@ -8,7 +8,9 @@ Order within a layer: `rope_qk` -> `cache_write` (the new tokens' k/v land in th
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from nextword.kernels import FASTMATH
 
@@ -50,6 +52,34 @@ def cache_write(k_cache, v_cache, qkv, slots, n_heads, n_kv_heads, head_dim):
                 v_cache[b, o, g, i] = qkv[t, v0 + g * head_dim + i]
 
 
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """Reinterpret int32 bits as a float32 (for fast_exp's 2^n)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def fast_exp(x):
+    """exp(x) for x <= 0 in float32 (relative error ~2e-7), written so that loops over it vectorize: np.exp
+    is a scalar libm call per element here. exp(x) = 2^n * exp(r), |r| <= ln2/2, Cephes' polynomial for
+    exp(r), and 2^n assembled from its exponent bits."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    scale = _bits_to_f32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    return (p * r * r + r + np.float32(1.0)) * scale
+
+
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def paged_attention(
     out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, n_heads, n_kv_heads
@@ -59,37 +89,47 @@ def paged_attention(
     out: [T, H * Dh]; qkv: [T, (H + 2 Hkv) * Dh]; k_cache, v_cache: [NB, BS, Hkv, Dh];
     block_tables: [S, max_blocks] int32 (a sequence's blocks in order); token_seq: [T] int64 (the sequence
     of each token); positions: [T] int64 (a token sees cache positions 0..positions[t]).
-    Query head h reads kv head h // (H / Hkv). One work item per (token, query head).
+    One work item per (token, kv head): the query heads that share a kv head (H / Hkv of them) read each
+    cached key and value row once, together. Softmax subtracts the max and uses fast_exp.
     """
     T = qkv.shape[0]
     block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
     group = n_heads // n_kv_heads
-    for item in prange(T * n_heads):
-        t, h = item // n_heads, item % n_heads
-        g = h // group
+    for item in prange(T * n_kv_heads):
+        t, g = item // n_kv_heads, item % n_kv_heads
         s = token_seq[t]
         n = positions[t] + 1
-        q0 = h * head_dim
-        scores = np.empty(n, dtype=np.float32)
-        m = np.float32(-3.0e38)
+        q = np.empty((group, head_dim), dtype=np.float32)  # this group's query heads, pre-scaled
+        for hh in range(group):
+            for i in range(head_dim):
+                q[hh, i] = qkv[t, (g * group + hh) * head_dim + i] * scale
+        scores = np.empty((group, n), dtype=np.float32)
         for j in range(n):
             b, o = block_tables[s, j // block_size], j % block_size
-            acc = np.float32(0.0)
-            for i in range(head_dim):
-                acc += qkv[t, q0 + i] * k_cache[b, o, g, i]
-            acc *= scale
-            scores[j] = acc
-            m = max(m, acc)
-        total = np.float32(0.0)
-        for j in range(n):
-            e = np.exp(scores[j] - m)
-            scores[j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for i in range(head_dim):
-            out[t, q0 + i] = np.float32(0.0)
+            for hh in range(group):
+                acc = np.float32(0.0)
+                for i in range(head_dim):
+                    acc += q[hh, i] * k_cache[b, o, g, i]
+                scores[hh, j] = acc
+        acc_v = np.zeros((group, head_dim), dtype=np.float32)
+        for hh in range(group):
+            m = scores[hh, 0]
+            for j in range(1, n):
+                m = max(m, scores[hh, j])
+            total = np.float32(0.0)
+            for j in range(n):
+                e = fast_exp(scores[hh, j] - m)
+                scores[hh, j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for j in range(n):
+                scores[hh, j] *= inv
         for j in range(n):
             b, o = block_tables[s, j // block_size], j % block_size
-            w = scores[j] * inv
+            for hh in range(group):
+                w = scores[hh, j]
+                for i in range(head_dim):
+                    acc_v[hh, i] += w * v_cache[b, o, g, i]
+        for hh in range(group):
             for i in range(head_dim):
-                out[t, q0 + i] += w * v_cache[b, o, g, i]
+                out[t, (g * group + hh) * head_dim + i] = acc_v[hh, i]

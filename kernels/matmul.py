@@ -9,6 +9,8 @@ import numpy as np
 from numba import njit, prange
 
 from nextword.kernels import FASTMATH
+from nextword.kernels.quant import matmul_q4_1, matmul_q8_0
+from nextword.weights.quantize import Q4Weight, Q8Weight
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
@@ -55,5 +57,9 @@ def linear(out: np.ndarray, x: np.ndarray, w) -> None:
     """out = x @ w.T for a weight in any supported format.   out: [T, N]; x: [T, K]; w: [N, K]"""
     if isinstance(w, np.ndarray) and w.dtype == np.float32:
         matmul_f32(out, x, w)
+    elif isinstance(w, Q4Weight):
+        matmul_q4_1(out, x, w.qs, w.d, w.m)
+    elif isinstance(w, Q8Weight):
+        matmul_q8_0(out, x, w.qs, w.d)
     else:
         raise TypeError(f"no matmul kernel for weight {type(w).__name__} {getattr(w, 'dtype', '')}")

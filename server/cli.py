@@ -26,8 +26,18 @@ def add_commands(commands) -> None:
     p.add_argument(
         "--chat", action="store_true", help="wrap the prompt as a user message in the chat template"
     )
+    add_weights_flag(p)
     add_sampling_flags(p)
     p.set_defaults(run=run_generate)
+
+
+def add_weights_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        default=env("WEIGHTS", "q4"),
+        choices=["f32", "int8", "q4"],
+        help="matmul weight format (default q4: 4x the decode speed of f32 for +1.3%% perplexity)",
+    )
 
 
 def env(name: str, default, kind=str):
@@ -39,6 +49,7 @@ def env(name: str, default, kind=str):
 def add_serve_command(commands) -> None:
     p = commands.add_parser("serve", help="serve the model over gRPC")
     p.add_argument("--model", default=env("MODEL", None), help="HF model folder (default: the default model)")
+    add_weights_flag(p)
     p.add_argument("--host", default=env("HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=env("PORT", 50051, int), help="0 picks a free port")
     p.add_argument("--kv-cache-tokens", type=int, default=env("KV_CACHE_TOKENS", 16384, int))
@@ -67,6 +78,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     config = ServerConfig(
         model=resolve_model(args.model),
+        weights=args.weights,
         host=args.host,
         port=args.port,
         kv_cache_tokens=args.kv_cache_tokens,
@@ -104,7 +116,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from nextword.weights.config import ModelError
 
     try:
-        engine = Engine.load(resolve_model(args.model))
+        engine = Engine.load(resolve_model(args.model), weights=args.weights)
         if args.chat:
             prompt = engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
         else:

@@ -32,6 +32,7 @@ from nextword.server.sampling import (
 )
 from nextword.server.tokenizer import IncrementalDecoder, Tokenizer
 from nextword.weights.loader import load_checkpoint
+from nextword.weights.quantize import quantize_checkpoint
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Engine:
         model_id: str = "",
     ):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.weights_format = "f32"
         self.config = model.config
         self.max_context = model.max_positions
         self.max_batch_tokens, self.max_top_n, self.max_queue = max_batch_tokens, max_top_n, max_queue
@@ -133,10 +135,15 @@ class Engine:
         self._ids = itertools.count()
 
     @classmethod
-    def load(cls, folder: str | Path, **kwargs) -> Engine:
+    def load(cls, folder: str | Path, weights: str = "f32", **kwargs) -> Engine:
+        """An engine on the Hugging Face model in `folder`, its matmul weights in format `weights`
+        (f32, int8 or q4: see nextword.weights.quantize)."""
         folder = Path(folder)
-        model = Model(load_checkpoint(folder), kwargs.pop("max_context", None))
-        return cls(model, Tokenizer(folder), model_id=kwargs.pop("model_id", folder.name), **kwargs)
+        checkpoint = quantize_checkpoint(load_checkpoint(folder), weights)
+        model = Model(checkpoint, kwargs.pop("max_context", None))
+        engine = cls(model, Tokenizer(folder), model_id=kwargs.pop("model_id", folder.name), **kwargs)
+        engine.weights_format = weights
+        return engine
 
     # ---- requests (any thread) ----
 

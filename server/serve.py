@@ -33,6 +33,7 @@ log = logging.getLogger("nextword.serve")
 @dataclass(frozen=True)
 class ServerConfig:
     model: Path
+    weights: str = "q4"  # f32 | int8 | q4: q4 decodes 4x faster than f32 at +1.3% perplexity (benchmarks/)
     host: str = "127.0.0.1"
     port: int = 50051
     kv_cache_tokens: int = 16384
@@ -98,7 +99,8 @@ class NextwordServer:
         self.ready.set()
         c = engine.config
         print(
-            f"nextword: serving {engine.model_id} ({c.model_type}, {c.num_layers} layers, vocab {c.vocab_size}, "
+            f"nextword: serving {engine.model_id} ({c.model_type}, {engine.weights_format} weights, {c.num_layers} "
+            f"layers, vocab {c.vocab_size}, "
             f"context {engine.max_context}) on {self.config.host}:{self.port}; "
             f"ready in {time.perf_counter() - started:.1f} s",
             flush=True,
@@ -108,6 +110,7 @@ class NextwordServer:
         c = self.config
         engine = Engine.load(
             c.model,
+            weights=c.weights,
             kv_cache_tokens=c.kv_cache_tokens,
             max_batch_tokens=c.max_batch_tokens,
             max_context=c.max_context,

@@ -162,8 +162,8 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             eos_token_ids=sorted(engine.eos_ids),
             special_tokens=[pb.SpecialToken(id=i, text=tok.token_text(i)) for i in sorted(tok.special_ids)],
             has_chat_template=bool(tok.chat_template),
-            weights_format="f32",
-            parameters=engine.model.checkpoint.nbytes // 4,
+            weights_format=engine.weights_format,
+            parameters=engine.model.checkpoint.num_parameters,
             limits=pb.Limits(
                 max_top_n=engine.max_top_n,
                 max_stop_strings=MAX_STOP_STRINGS,

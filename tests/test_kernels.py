@@ -162,3 +162,13 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size):
         expect = ref.attention(q, k, v).reshape(new[s], H * Dh)
         np.testing.assert_allclose(out[row : row + new[s]], expect, **TOL)
         row += new[s]
+
+
+def test_fast_exp():
+    from nextword.kernels.attention import fast_exp
+
+    x = np.concatenate([np.linspace(-90, 0, 10001), [-1e-7, -0.5, -np.log(2)]]).astype(np.float32)
+    got = np.array([fast_exp(v) for v in x], dtype=np.float64)
+    expect = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(got[x > -87], expect[x > -87], rtol=5e-7, atol=0)
+    assert (got[x <= -87] < 2e-38).all()  # clamped: tiny, never negative or NaN

@@ -45,7 +45,9 @@ def server(smollm2_folder):
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
     srv = NextwordServer(
-        ServerConfig(model=smollm2_folder, port=0, kv_cache_tokens=8192, grace_s=1, metrics_port=0)
+        ServerConfig(
+            model=smollm2_folder, weights="f32", port=0, kv_cache_tokens=8192, grace_s=1, metrics_port=0
+        )
     )
     run(srv.start())
     run(srv.wait_ready())

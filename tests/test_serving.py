@@ -10,6 +10,7 @@ import pytest
 from tiny_models import write_tiny_model
 
 from nextword.client import AsyncClient, Client, ResourceExhausted
+from nextword.server.engine import Engine
 from nextword.server.sampling import SamplingParams
 from nextword.server.serve import NextwordServer, ServerConfig
 
@@ -98,8 +99,11 @@ def test_overload_is_refused_quickly_and_the_admitted_complete(tiny_folder):
             assert c.health() == "SERVING"
 
 
-def test_batching_changes_no_result(smollm2_folder, smollm2):
-    """8 concurrent requests, greedy and seeded, equal the same requests run alone."""
+@pytest.mark.parametrize("weights", ["q4", "f32"])
+def test_batching_changes_no_result(smollm2_folder, weights):
+    """8 concurrent requests, greedy and seeded, equal the same requests run alone (in each weight format:
+    the quantized kernels compute every token's products the same way whatever the batch holds)."""
+    engine = Engine.load(smollm2_folder, weights=weights, kv_cache_tokens=2048)
     prompts = ["The capital of France is", "def add(a, b):", "Once upon a time", "The best way to learn is"]
     requests = [(p, {"temperature": 0.0}) for p in prompts] + [
         (p, {"temperature": 0.9, "top_p": 0.95, "seed": 11 + i}) for i, p in enumerate(prompts)
@@ -107,9 +111,9 @@ def test_batching_changes_no_result(smollm2_folder, smollm2):
     alone = []
     for prompt, kw in requests:
         params = SamplingParams(max_new_tokens=12, ignore_eos=True, **kw)
-        alone.append([s.token.token_id for s in smollm2.generate(prompt, params)])
+        alone.append([s.token.token_id for s in engine.generate(prompt, params)])
 
-    with running_server(model=smollm2_folder, kv_cache_tokens=4096) as srv:
+    with running_server(model=smollm2_folder, weights=weights, kv_cache_tokens=4096) as srv:
 
         async def together():
             async with AsyncClient(f"127.0.0.1:{srv.port}") as c:

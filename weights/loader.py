@@ -61,11 +61,20 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of all weights as stored (quantized matrices count their blocks)."""
         arrays = [self.embed, self.final_norm, self.positions, self.final_norm_bias]
         if self.lm_head is not self.embed:
             arrays.append(self.lm_head)
         arrays += [a for layer in self.layers for a in vars(layer).values()]
         return sum(a.nbytes for a in arrays if a is not None)
+
+    @property
+    def num_parameters(self) -> int:
+        c = self.config
+        tied = 0 if c.tie_word_embeddings else c.vocab_size * c.hidden_size
+        layers = [a for layer in self.layers for a in vars(layer).values() if a is not None]
+        extra = [self.embed, self.final_norm, self.positions, self.final_norm_bias]
+        return tied + sum(int(np.prod(a.shape)) for a in layers + [e for e in extra if e is not None])
 
 
 def llama_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:

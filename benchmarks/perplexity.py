@@ -1,0 +1,75 @@
+"""Quality of the weight formats: perplexity on a fixed English text, and next-token agreement with float32.
+
+    python benchmarks/perplexity.py [--model PATH] [--formats f32 int8 q4] [--window 1024]
+
+The text is benchmarks/data/english.txt (4,095 SmolLM2 tokens: prose paragraphs of the Python Language
+Reference, from CPython's pydoc_data, PSF license). It is cut into windows of `--window` tokens with no
+overlap; each window is one prefill that returns the logits of every position (the first token of each
+window is not predicted). Perplexity = exp(mean negative log-likelihood of the predicted tokens). Top-1
+agreement: the fraction of positions whose most likely next token equals float32's.
+"""
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nextword.kernels.model import Batch, Model
+from nextword.kernels.softmax import log_softmax
+from nextword.server.tokenizer import Tokenizer
+from nextword.weights.default_model import ensure_default_model
+from nextword.weights.loader import load_checkpoint
+from nextword.weights.quantize import quantize_checkpoint
+
+TEXT = Path(__file__).parent / "data" / "english.txt"
+
+
+def score(model: Model, ids: list[int], window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per predicted position: (negative log-likelihood of the actual next token, argmax token)."""
+    block = 16
+    cache = model.new_cache(num_blocks=-(-window // block), block_size=block)
+    nll, top1 = [], []
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window]
+        if len(chunk) < 2:
+            break
+        blocks = list(range(-(-len(chunk) // block)))
+        logits = model.forward(cache, Batch.build([(chunk, 0, blocks, "all")], block))  # [T, V]
+        logprobs = np.empty_like(logits)
+        log_softmax(logprobs, logits)
+        targets = np.asarray(chunk[1:])
+        nll.append(-logprobs[np.arange(len(targets)), targets].astype(np.float64))
+        top1.append(logits[:-1].argmax(-1))
+    return np.concatenate(nll), np.concatenate(top1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="HF model folder (default: the default model)")
+    ap.add_argument("--formats", nargs="+", default=["f32", "int8", "q4"])
+    ap.add_argument("--window", type=int, default=1024)
+    args = ap.parse_args()
+
+    folder = Path(args.model) if args.model else ensure_default_model(progress=None)
+    ids = Tokenizer(folder).encode(TEXT.read_text())
+    checkpoint = load_checkpoint(folder)
+    results = {}
+    for fmt in args.formats:
+        model = Model(quantize_checkpoint(checkpoint, fmt))
+        started = time.perf_counter()
+        nll, top1 = score(model, ids, args.window)
+        results[fmt] = (math.exp(nll.mean()), top1, model.checkpoint.nbytes, time.perf_counter() - started)
+
+    base = results.get("f32")
+    print(f"{folder.name}: {len(ids)} tokens of {TEXT.name}, windows of {args.window}")
+    print(f"{'format':<8}{'weights MB':>11}{'perplexity':>12}{'vs f32':>9}{'top-1 = f32':>13}{'seconds':>9}")
+    for fmt, (ppl, top1, nbytes, seconds) in results.items():
+        rel = f"{ppl / base[0] - 1:+.2%}" if base else "-"
+        agree = f"{(top1 == base[1]).mean():.2%}" if base else "-"
+        print(f"{fmt:<8}{nbytes / 1e6:11.1f}{ppl:12.3f}{rel:>9}{agree:>13}{seconds:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
