@@ -7,6 +7,7 @@ logits only for the rows asked for (usually each sequence's last new token).
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,14 +55,20 @@ class KVCache:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        # np.zeros maps pages lazily: memory is only resident once a block is written.
-        self.k = [np.zeros(shape, dtype=np.float32) for _ in range(num_layers)]
-        self.v = [np.zeros(shape, dtype=np.float32) for _ in range(num_layers)]
+        self.k = [_lazy_zeros(shape) for _ in range(num_layers)]
+        self.v = [_lazy_zeros(shape) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @property
     def bytes_per_token(self) -> int:
         return 2 * len(self.k) * self.k[0][0, 0].nbytes
+
+
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros in fresh anonymous memory: a page becomes resident only once written, so a large cache
+    costs only what is used. (np.zeros may instead reuse heap memory, which it must clear, i.e. touch.)"""
+    nbytes = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.float32, count=nbytes // 4).reshape(shape)
 
 
 class Model:

@@ -9,6 +9,8 @@ in-process conveniences: submit, then step until done.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import itertools
 import queue
 import time
@@ -140,6 +142,7 @@ class Engine:
         (f32, int8 or q4: see nextword.weights.quantize)."""
         folder = Path(folder)
         checkpoint = quantize_checkpoint(load_checkpoint(folder), weights)
+        _return_freed_memory()  # the float32 originals of quantized weights
         model = Model(checkpoint, kwargs.pop("max_context", None))
         engine = cls(model, Tokenizer(folder), model_id=kwargs.pop("model_id", folder.name), **kwargs)
         engine.weights_format = weights
@@ -394,6 +397,16 @@ class Engine:
         while not out:
             self.step()
         return out[0]
+
+
+def _return_freed_memory() -> None:
+    """Give freed heap memory back to the OS: glibc keeps freed blocks of a few MB (a layer's weights) in
+    the process, so without this the float32 copies of quantized weights stay resident."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _overlap(text: str, stop: str) -> int:

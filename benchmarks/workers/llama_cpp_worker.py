@@ -1,0 +1,53 @@
+"""One benchmark pass of llama.cpp (llama-cpp-python, 2 threads) on the same GGUF. Run with the peers venv's
+python. Prints FIRST_TOKEN, then one JSON line (batch16 comes from llama-batched-bench, run separately)."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from llama_cpp import Llama
+from prompts import LONG_TEXT, MEDIUM_PROMPT, NEW_TOKENS, SHORT_PROMPT, rss_mib
+
+gguf, threads = sys.argv[1], int(sys.argv[2])
+llm = Llama(
+    model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512, verbose=False
+)
+ids = llm.tokenize(SHORT_PROMPT.encode(), add_bos=False, special=True)
+next(iter(llm.generate(ids, temp=0.0, top_k=1)))
+print("FIRST_TOKEN", flush=True)
+long_ids = llm.tokenize((LONG_TEXT * 20).encode(), add_bos=False, special=True)
+
+
+def decode_tps(prompt_ids):
+    llm.reset()
+    times = []
+    for _ in llm.generate(
+        prompt_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True
+    ):
+        times.append(time.perf_counter())
+        if len(times) == NEW_TOKENS:
+            break
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def prefill_tps(prompt_ids):
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(prompt_ids)
+    import llama_cpp
+
+    llama_cpp.llama_synchronize(llm._ctx.ctx)
+    return len(prompt_ids) / (time.perf_counter() - started)
+
+
+medium = llm.tokenize(MEDIUM_PROMPT.encode(), add_bos=False, special=True)
+decode_tps(medium[:16])  # warm-up
+result = {
+    "decode_short_tps": decode_tps(medium),
+    "decode_long_tps": decode_tps(long_ids[:1000]),
+    "prefill_512_tps": prefill_tps(long_ids[:512]),
+}
+result["rss_mib"], result["peak_rss_mib"] = rss_mib()
+print(json.dumps(result), flush=True)
