@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Iterable
 
+import numpy as np
+
 from nextword.client.client import DEFAULT_TARGET, Client
 from nextword.client.errors import NextwordError
 from nextword.client.types import Finish, GenerateEvent
@@ -98,6 +100,8 @@ def add_client_commands(commands) -> None:
 
     p = commands.add_parser("info", parents=[common], help="the served model, its limits and defaults")
     p.set_defaults(run=run_info)
+
+    add_inspect_commands(commands, common)
 
     add_load_command(commands, common)
 
@@ -319,6 +323,229 @@ def run_info(args: argparse.Namespace) -> int:
     for name, value in rows.items():
         print(f"{name + ':':<16}{value}")
     return 0
+
+
+# ---- looking inside the model: similar, analogy, explain ----
+
+
+def add_inspect_commands(commands, common: argparse.ArgumentParser) -> None:
+    p = commands.add_parser(
+        "similar",
+        parents=[common],
+        help="rank words or sentences by how similar the model finds them to the first one",
+        description="Rank ITEMs (and --file lines) by cosine similarity to the first of them. Single words "
+        "are compared by their input embeddings (the table row the model starts from, taken with a leading "
+        "space, as a word inside a sentence); anything longer by its sentence embedding (the mean of the "
+        "last hidden state over its tokens).",
+    )
+    p.add_argument("items", nargs="*", metavar="ITEM", help="the query first, then the items to rank")
+    p.add_argument("--file", help="more items, one per line (blank lines skipped)")
+    p.add_argument(
+        "--by",
+        choices=("auto", "words", "sentences"),
+        default="auto",
+        help="words: input embeddings of ' ITEM'; sentences: sentence embeddings; auto (default): words "
+        "when every item is one word",
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        help="instead: the mean over each item's tokens of the hidden state after this layer (0 = the "
+        "input embeddings)",
+    )
+    p.set_defaults(run=run_similar)
+
+    p = commands.add_parser(
+        "analogy",
+        parents=[common],
+        help="A is to B as C is to ?: the tokens whose input embeddings are nearest B - A + C",
+    )
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("c", metavar="C")
+    p.add_argument("--top-n", type=int, default=10, help="how many tokens to list (default 10)")
+    p.add_argument(
+        "--no-space",
+        action="store_true",
+        help="use the words as written (default: with a leading space, as words inside a sentence)",
+    )
+    p.set_defaults(run=run_analogy)
+
+    p = commands.add_parser(
+        "explain",
+        parents=[common],
+        help="how the model reads a prompt: its tokens, what a token attends to, what comes next",
+    )
+    p.add_argument("prompt")
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
+    p.add_argument(
+        "--token",
+        type=int,
+        default=-1,
+        help="index of the token to explain (negative: from the end; default -1)",
+    )
+    p.add_argument(
+        "--layer", type=int, help="one layer's attention, 1..L (default: the mean over all layers)"
+    )
+    p.add_argument("--head", type=int, help="one query head, 0..H-1 (default: the mean over the heads)")
+    p.add_argument("--top-n", type=int, default=5, help="tokens listed per table (default 5)")
+    p.add_argument(
+        "--png", metavar="FILE", help="also draw the attention matrix into this PNG (needs nextword[viz])"
+    )
+    p.set_defaults(run=run_explain)
+
+
+def visible(token: str) -> str:
+    """A token as the model sees it, spaces shown: ' bank' -> '·bank', '\n' -> '\\n'."""
+    escaped = token.encode("unicode_escape").decode("ascii") if not token.isprintable() else token
+    return escaped.replace(" ", "·")
+
+
+def embed_batches(items: list[str], max_texts: int, max_tokens: int) -> list[list[str]]:
+    """Split items into Embed calls within the server's limits: a token is at least one UTF-8 byte, so a
+    batch of at most max_tokens bytes fits (an item longer than that goes alone and may still fit)."""
+    batches, size = [[]], 0
+    for item in items:
+        n = len(item.encode())
+        if batches[-1] and (len(batches[-1]) >= max_texts or size + n > max_tokens):
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += n
+    return batches
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v)
+    return v / norm if norm > 0 else v
+
+
+def run_similar(args: argparse.Namespace) -> int:
+    items = list(args.items)
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            items += [line.rstrip("\n") for line in f if line.strip()]
+    if len(items) < 2:
+        print("error: give a query and at least one item to rank (ITEM arguments or --file)", file=sys.stderr)
+        return 2
+    words = args.by == "words" or (args.by == "auto" and all(len(item.split()) == 1 for item in items))
+    if args.layer is not None:
+        texts, layer, by = items, args.layer, f"the mean hidden state after layer {args.layer}"
+        if args.layer == 0:
+            by = "the mean input embedding of their tokens"
+    elif words:
+        texts, layer = [" " + item.strip() for item in items], 0
+        by = "input embeddings (each word with a leading space)"
+    else:
+        texts, layer, by = items, None, "sentence embeddings"
+    with _client(args) as client:
+        limits = client.model_info().limits
+        vectors = []
+        for batch in embed_batches(texts, limits.max_embed_texts, limits.max_embed_tokens):
+            result = client.embed(batch, layer=layer)
+            if layer is None:
+                vectors += [t.sentence for t in result.texts]
+            else:
+                vectors += [_unit(t.token_embeddings.mean(axis=0)) for t in result.texts]
+    cosines = np.stack(vectors[1:]) @ vectors[0]
+    order = np.argsort(-cosines, kind="stable")
+    if args.json:
+        ranked = [{"item": items[1 + i], "cosine": float(cosines[i])} for i in order]
+        _print_json({"query": items[0], "by": by, "ranked": ranked})
+        return 0
+    print(f"similarity to {items[0]!r} by {by}:")
+    for rank, i in enumerate(order, 1):
+        print(f"{rank:>4}  {cosines[i]:6.3f}  {items[1 + i]!r}")
+    return 0
+
+
+def run_analogy(args: argparse.Namespace) -> int:
+    a, b, c = (w if args.no_space else " " + w.strip() for w in (args.a, args.b, args.c))
+    with _client(args) as client:
+        result = client.nearest_tokens([(b, 1.0), (a, -1.0), (c, 1.0)], top_n=args.top_n)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    terms = "  ".join(f"{t.text!r} (id {t.token_id})" for t in result.terms)
+    print(
+        f"{args.a} : {args.b} :: {args.c} : ?   nearest to {b!r} - {a!r} + {c!r} among the input embeddings"
+    )
+    for word, t in zip((b, a, c), result.terms, strict=True):
+        if t.text != word:
+            print(
+                f"  note: {word!r} is several tokens; its first, {t.text!r}, stands for it", file=sys.stderr
+            )
+    for rank, t in enumerate(result.nearest, 1):
+        print(f"{rank:>4}  {t.cosine:6.3f}  {t.text!r}")
+    print(f"[terms: {terms}]", file=sys.stderr)
+    return 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    if args.png:
+        try:
+            import matplotlib  # noqa: F401 (only checked here: fail before the work, not after)
+        except ImportError:
+            print("error: --png needs matplotlib: pip install 'nextword[viz]'", file=sys.stderr)
+            return 2
+    with _client(args) as client:
+        att = client.attention(_prompt(args, args.prompt), layer=args.layer, head=args.head)
+        T = len(att.token_ids)
+        if not -T <= args.token < T:
+            print(f"error: --token {args.token}: the prompt has {T} tokens (0..{T - 1})", file=sys.stderr)
+            return 2
+        i = args.token % T
+        dist = client.next_token_probabilities(list(att.token_ids[: i + 1]), top_n=args.top_n)
+    heads = f"head {att.head}" if att.head is not None else f"the mean over the {att.num_heads} heads"
+    layers = f"layer {att.layer}" if att.layer is not None else f"all {att.num_layers} layers"
+    row = att.weights[i]
+    order = np.argsort(-row[: i + 1], kind="stable")[: args.top_n]
+    if args.json:
+        _print_json(
+            {
+                "tokens": [{"id": t, "text": s} for t, s in zip(att.token_ids, att.tokens, strict=True)],
+                "token": i,
+                "layer": att.layer,
+                "head": att.head,
+                "attends_to": [{"index": int(j), "weight": float(row[j])} for j in order],
+                "next": [t.to_dict() for t in dist.top],
+            }
+        )
+    else:
+        print(f"tokens (· is a space): {T}")
+        print("  " + "  ".join(f"{j}:{visible(s)}" for j, s in enumerate(att.tokens)))
+        print(f"\ntoken {i} {visible(att.tokens[i])} attends most to ({heads}, {layers}):")
+        for j in order:
+            print(f"  {row[j]:6.3f}  {j:>4} {visible(att.tokens[j])}")
+        print(f"\nnext token after {visible(att.tokens[i])}:")
+        for t in dist.top:
+            print(f"  {t.prob:6.3f}  {visible(t.text)}")
+    if args.png:
+        draw_attention(args.png, att, i, f"attention: {heads}, {layers}")
+        print(f"[heatmap written to {args.png}]", file=sys.stderr)
+    return 0
+
+
+def draw_attention(path: str, att, highlight: int, title: str) -> None:
+    """A heatmap of att.weights (rows: the query tokens, columns: the tokens they attend to) as a PNG."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    T = len(att.tokens)
+    labels = [f"{visible(s)} {j}" for j, s in enumerate(att.tokens)]
+    side = min(4 + 0.3 * T, 40)
+    fig = Figure(figsize=(side + 1.5, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(att.weights, cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(T), labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(T), labels, fontsize=8)
+    ax.set_xlabel("attends to (key)")
+    ax.set_ylabel("token (query)")
+    ax.set_title(title)
+    ax.add_patch(Rectangle((-0.5, highlight - 0.5), T, 1, fill=False, edgecolor="red", linewidth=1.5))
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def _first_set(*values):

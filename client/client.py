@@ -31,10 +31,13 @@ from google.protobuf import wrappers_pb2
 
 from nextword.client.errors import DeadlineExceeded, NextwordError, Unavailable, from_rpc_error
 from nextword.client.types import (
+    AttentionMap,
     Completion,
     Distribution,
+    Embeddings,
     GenerateEvent,
     ModelInfo,
+    NearestTokens,
     SessionError,
     Tokenized,
     session_item,
@@ -145,6 +148,39 @@ def tokenize_request(text_or_chat: str | Sequence[Mapping[str, str]]) -> pb.Toke
     if isinstance(text_or_chat, str):
         return pb.TokenizeRequest(text=text_or_chat)
     return pb.TokenizeRequest(chat=chat_pb(text_or_chat))
+
+
+def embed_request(texts: Sequence[str], layer: int | None) -> pb.EmbedRequest:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not one string")
+    request = pb.EmbedRequest(texts=texts)
+    if layer is not None:
+        request.layer = layer
+    return request
+
+
+Term = str | int | tuple[str | int, float]
+
+
+def nearest_tokens_request(terms: Sequence[Term], top_n: int, include_terms: bool) -> pb.NearestTokensRequest:
+    """Each term is a text (its first token is used), a token id, or a (text or id, weight) pair."""
+    request = pb.NearestTokensRequest(top_n=top_n, include_terms=include_terms)
+    for term in terms:
+        token, weight = term if isinstance(term, tuple) else (term, None)
+        message = pb.EmbeddingTerm(text=token) if isinstance(token, str) else pb.EmbeddingTerm(token_id=token)
+        if weight is not None:
+            message.weight = weight
+        request.terms.append(message)
+    return request
+
+
+def attention_request(prompt: Prompt, layer: int | None, head: int | None) -> pb.AttentionRequest:
+    request = pb.AttentionRequest(prompt=prompt_pb(prompt))
+    if layer is not None:
+        request.layer = layer
+    if head is not None:
+        request.head = head
+    return request
 
 
 def channel_options(options) -> list[tuple[str, object]]:
@@ -306,6 +342,41 @@ class Client(_ClientBase):
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return ModelInfo.from_pb(self._call(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout))
 
+    def embed(
+        self, texts: Sequence[str], layer: int | None = None, *, timeout: float | None = None
+    ) -> Embeddings:
+        """Sentence embeddings of `texts` (unit length: cosine = dot product), and with `layer` each token's
+        vector: 0 = its row of the input embedding table, k in 1..L = the hidden state after layer k."""
+        return Embeddings.from_pb(self._call(self._stub.Embed, embed_request(texts, layer), timeout))
+
+    def nearest_tokens(
+        self,
+        terms: Sequence[Term],
+        top_n: int = 10,
+        include_terms: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> NearestTokens:
+        """The tokens whose input embeddings are nearest (cosine) to the weighted sum of the terms' embeddings.
+        A term is a text (its first token: mind the leading space, " dog"), a token id, or a (text or id,
+        weight) pair; the weight defaults to 1. dog : puppy :: cat : ? is [(" puppy", 1), (" dog", -1), " cat"].
+        """
+        request = nearest_tokens_request(terms, top_n, include_terms)
+        return NearestTokens.from_pb(self._call(self._stub.NearestTokens, request, timeout))
+
+    def attention(
+        self,
+        prompt: Prompt,
+        layer: int | None = None,
+        head: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AttentionMap:
+        """The attention weights [T, T] over the prompt's tokens of `layer` (1..L) and `head` (0..H-1); None
+        means the mean over all layers / heads."""
+        request = attention_request(prompt, layer, head)
+        return AttentionMap.from_pb(self._call(self._stub.Attention, request, timeout), layer, head)
+
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""
         return self._call(self._health, service, timeout)
@@ -445,6 +516,36 @@ class AsyncClient(_ClientBase):
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return ModelInfo.from_pb(await self._call(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout))
+
+    async def embed(
+        self, texts: Sequence[str], layer: int | None = None, *, timeout: float | None = None
+    ) -> Embeddings:
+        """See `Client.embed`."""
+        return Embeddings.from_pb(await self._call(self._stub.Embed, embed_request(texts, layer), timeout))
+
+    async def nearest_tokens(
+        self,
+        terms: Sequence[Term],
+        top_n: int = 10,
+        include_terms: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> NearestTokens:
+        """See `Client.nearest_tokens`."""
+        request = nearest_tokens_request(terms, top_n, include_terms)
+        return NearestTokens.from_pb(await self._call(self._stub.NearestTokens, request, timeout))
+
+    async def attention(
+        self,
+        prompt: Prompt,
+        layer: int | None = None,
+        head: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AttentionMap:
+        """See `Client.attention`."""
+        request = attention_request(prompt, layer, head)
+        return AttentionMap.from_pb(await self._call(self._stub.Attention, request, timeout), layer, head)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         return await self._call(self._health, service, timeout)

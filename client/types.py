@@ -202,6 +202,9 @@ class Limits(_ToDict):
     kv_cache_tokens: int
     max_queue: int = 0  # requests that may wait for admission (beyond it: RESOURCE_EXHAUSTED at once)
     max_batch_tokens: int = 0  # tokens processed per engine step at most
+    max_embed_texts: int = 0  # texts per Embed call
+    max_embed_tokens: int = 0  # tokens of all the texts of one Embed call together
+    max_attention_tokens: int = 0  # prompt tokens of an Attention call
 
 
 def sampling_dict(m: pb.SamplingParams) -> dict:
@@ -248,6 +251,9 @@ class ModelInfo(_ToDict):
             lim.kv_cache_tokens,
             lim.max_queue,
             lim.max_batch_tokens,
+            lim.max_embed_texts,
+            lim.max_embed_tokens,
+            lim.max_attention_tokens,
         )
         defaults = sampling_dict(m.defaults.sampling) | {"max_new_tokens": m.defaults.max_new_tokens}
         return cls(
@@ -263,3 +269,85 @@ class ModelInfo(_ToDict):
             limits=limits,
             defaults=defaults,
         )
+
+
+def _floats(data: bytes, *shape: int) -> np.ndarray:
+    """Packed little-endian float32 as a read-only array of `shape`."""
+    return np.frombuffer(data, dtype="<f4").reshape(shape)
+
+
+@dataclass(frozen=True)
+class TextEmbedding(_ToDict):
+    """One text of an Embed call."""
+
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]  # each token's own text
+    token_embeddings: np.ndarray | None = field(compare=False)  # float32 [len(tokens), dim] with a layer
+    sentence: np.ndarray = field(compare=False)  # float32 [dim], unit length: cosine similarity = dot product
+
+    @classmethod
+    def from_pb(cls, m: pb.TextEmbedding, dim: int) -> TextEmbedding:
+        rows = _floats(m.token_embeddings, len(m.token_ids), dim) if m.token_embeddings else None
+        return cls(tuple(m.token_ids), tuple(m.tokens), rows, _floats(m.sentence_embedding, dim))
+
+
+@dataclass(frozen=True)
+class Embeddings(_ToDict):
+    """The result of an Embed call: one TextEmbedding per text, in order."""
+
+    texts: tuple[TextEmbedding, ...]
+    dim: int  # the model's hidden size
+    num_layers: int
+
+    @classmethod
+    def from_pb(cls, m: pb.EmbedResponse) -> Embeddings:
+        return cls(tuple(TextEmbedding.from_pb(t, m.dim) for t in m.texts), m.dim, m.num_layers)
+
+    @property
+    def sentences(self) -> np.ndarray:
+        """The sentence embeddings stacked: float32 [len(texts), dim]."""
+        return np.stack([t.sentence for t in self.texts]) if self.texts else np.zeros((0, self.dim), "<f4")
+
+
+@dataclass(frozen=True)
+class TokenSimilarity(_ToDict):
+    token_id: int
+    text: str
+    cosine: float
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenSimilarity) -> TokenSimilarity:
+        return cls(m.token_id, m.text, m.cosine)
+
+
+@dataclass(frozen=True)
+class NearestTokens(_ToDict):
+    terms: tuple[TokenSimilarity, ...]  # the token each term resolved to, with its cosine to the query
+    nearest: tuple[TokenSimilarity, ...]  # most similar first
+
+    @classmethod
+    def from_pb(cls, m: pb.NearestTokensResponse) -> NearestTokens:
+        return cls(
+            tuple(TokenSimilarity.from_pb(t) for t in m.terms),
+            tuple(TokenSimilarity.from_pb(t) for t in m.nearest),
+        )
+
+
+@dataclass(frozen=True)
+class AttentionMap(_ToDict):
+    """Attention weights over a prompt: weights[i, j] is how much token i attends to token j (rows sum to 1,
+    zero above the diagonal), for one layer/head or the mean over them."""
+
+    token_ids: tuple[int, ...]
+    tokens: tuple[str, ...]  # each token's own text
+    weights: np.ndarray = field(compare=False)  # float32 [T, T], row = query token
+    layer: int | None  # 1..num_layers, or None: the mean over all layers
+    head: int | None  # 0..num_heads-1, or None: the mean over all heads
+    num_layers: int
+    num_heads: int
+
+    @classmethod
+    def from_pb(cls, m: pb.AttentionResponse, layer: int | None, head: int | None) -> AttentionMap:
+        T = len(m.token_ids)
+        weights = _floats(m.weights, T, T)
+        return cls(tuple(m.token_ids), tuple(m.tokens), weights, layer, head, m.num_layers, m.num_heads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 
@@ -17,6 +18,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from nextword.kernels import inspect as inspection
 from nextword.server.engine import Distribution, QueueFull, Step
 from nextword.server.engine_thread import EngineThread
 from nextword.server.metrics import Metrics
@@ -40,6 +42,10 @@ FINISH_REASONS = {
     "superseded": pb.FINISH_REASON_SUPERSEDED,
 }
 DEFAULTS = SamplingParams()
+MAX_EMBED_TEXTS = 64
+MAX_EMBED_TOKENS = 1024  # all texts of one Embed together: the engine stops for each text's forward
+MAX_ATTENTION_TOKENS = 512  # the [T, T] matrix, and L x H x T x T weights to compute
+MAX_NEAREST_TERMS = 16
 
 
 class RequestError(Exception):
@@ -172,9 +178,135 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                 kv_cache_tokens=engine.blocks.num_blocks * engine.blocks.block_size,
                 max_queue=engine.max_queue,
                 max_batch_tokens=engine.max_batch_tokens,
+                max_embed_texts=MAX_EMBED_TEXTS,
+                max_embed_tokens=MAX_EMBED_TOKENS,
+                max_attention_tokens=min(MAX_ATTENTION_TOKENS, engine.max_context),
             ),
             defaults=pb.Defaults(sampling=defaults, max_new_tokens=DEFAULTS.max_new_tokens),
         )
+
+    # ---- inspection: the model's insides, computed on the engine thread between two steps ----
+
+    async def Embed(self, request, context):
+        try:
+            engine = self._engine()
+            c, tok = engine.config, engine.tokenizer
+            if not 1 <= len(request.texts) <= MAX_EMBED_TEXTS:
+                raise invalid("texts", f"give 1 to {MAX_EMBED_TEXTS} texts, got {len(request.texts)}")
+            layer = request.layer if request.HasField("layer") else None
+            if layer is not None and layer > c.num_layers:
+                raise invalid(
+                    "layer", f"layer must be in 0..{c.num_layers} (0: the input embeddings), got {layer}"
+                )
+            token_ids = []
+            for i, text in enumerate(request.texts):
+                if not text:
+                    raise invalid(f"texts[{i}]", f"texts[{i}] is empty")
+                token_ids.append(tok.encode(text))
+                if len(token_ids[-1]) > engine.max_context:
+                    raise invalid(
+                        f"texts[{i}]",
+                        f"texts[{i}] has {len(token_ids[-1])} tokens; the context is {engine.max_context}",
+                    )
+            total = sum(map(len, token_ids))
+            if total > MAX_EMBED_TOKENS:
+                raise invalid(
+                    "texts", f"the texts have {total} tokens together; Embed takes {MAX_EMBED_TOKENS}"
+                )
+            started = time.perf_counter()
+            results = [await self._inspect(inspection.embed, engine.model, ids, layer) for ids in token_ids]
+        except RequestError as e:
+            await self._abort(context, e)
+        log.info("embed: %d texts, %d tokens, %.0f ms", len(token_ids), total, _ms_since(started))
+        texts = [
+            pb.TextEmbedding(
+                token_ids=ids,
+                tokens=[tok.token_text(t) for t in ids],
+                token_embeddings=b"" if rows is None else rows.astype("<f4").tobytes(),
+                sentence_embedding=sentence.astype("<f4").tobytes(),
+            )
+            for ids, (rows, sentence) in zip(token_ids, results, strict=True)
+        ]
+        return pb.EmbedResponse(texts=texts, dim=c.hidden_size, num_layers=c.num_layers)
+
+    async def NearestTokens(self, request, context):
+        try:
+            engine = self._engine()
+            tok = engine.tokenizer
+            if not 1 <= len(request.terms) <= MAX_NEAREST_TERMS:
+                raise invalid("terms", f"give 1 to {MAX_NEAREST_TERMS} terms, got {len(request.terms)}")
+            ids, weights = [], []
+            for i, term in enumerate(request.terms):
+                which = term.WhichOneof("token")
+                if which is None:
+                    raise invalid(f"terms[{i}]", f"terms[{i}] needs a token_id or a text")
+                if which == "text" and not term.text:
+                    raise invalid(f"terms[{i}].text", f"terms[{i}].text is empty")
+                if which == "token_id":
+                    self._check_ids([term.token_id], f"terms[{i}].token_id")
+                ids.append(term.token_id if which == "token_id" else tok.encode(term.text)[0])
+                weights.append(term.weight if term.HasField("weight") else 1.0)
+                if not math.isfinite(weights[-1]):
+                    raise invalid(f"terms[{i}].weight", f"terms[{i}].weight must be finite")
+            if not 1 <= request.top_n <= engine.max_top_n:
+                raise invalid("top_n", f"top_n must be in 1..{engine.max_top_n}, got {request.top_n}")
+            exclude = () if request.include_terms else ids
+
+            def nearest(model):
+                query = inspection.token_sum(model, ids, weights)
+                best, cosines = inspection.nearest_tokens(model, query, request.top_n, exclude)
+                return inspection.cosine(model, query, ids), best, cosines
+
+            own, best, cosines = await self._inspect(nearest, engine.model)
+        except RequestError as e:
+            await self._abort(context, e)
+
+        def similarity(token_id, cos) -> pb.TokenSimilarity:
+            return pb.TokenSimilarity(token_id=token_id, text=tok.token_text(token_id), cosine=cos)
+
+        return pb.NearestTokensResponse(
+            terms=[similarity(i, c) for i, c in zip(ids, own.tolist(), strict=True)],
+            nearest=[similarity(i, c) for i, c in zip(best.tolist(), cosines.tolist(), strict=True)],
+        )
+
+    async def Attention(self, request, context):
+        try:
+            engine = self._engine()
+            c = engine.config
+            ids = self._prompt(request.prompt)
+            limit = min(MAX_ATTENTION_TOKENS, engine.max_context)
+            if len(ids) > limit:
+                raise invalid("prompt", f"the prompt has {len(ids)} tokens; Attention takes at most {limit}")
+            layer = request.layer if request.HasField("layer") else None
+            if layer is not None and not 1 <= layer <= c.num_layers:
+                raise invalid("layer", f"layer must be in 1..{c.num_layers}, got {layer}")
+            head = request.head if request.HasField("head") else None
+            if head is not None and head >= c.num_heads:
+                raise invalid("head", f"head must be in 0..{c.num_heads - 1}, got {head}")
+            started = time.perf_counter()
+            weights = await self._inspect(inspection.attention, engine.model, ids, layer, head)
+        except RequestError as e:
+            await self._abort(context, e)
+        log.info(
+            "attention: %d tokens, layer %s, head %s, %.0f ms", len(ids), layer, head, _ms_since(started)
+        )
+        return pb.AttentionResponse(
+            token_ids=ids,
+            tokens=[engine.tokenizer.token_text(t) for t in ids],
+            weights=weights.astype("<f4").tobytes(),
+            num_layers=c.num_layers,
+            num_heads=c.num_heads,
+        )
+
+    async def _inspect(self, fn, *args):
+        """fn(*args) on the engine thread, between two steps (only that thread may touch the model)."""
+        try:
+            return await asyncio.wrap_future(self.runner.call(lambda: fn(*args)))
+        except Exception as e:
+            if self.draining:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down") from e
+            log.exception("inspection failed")
+            raise _engine_failure(e) from e
 
     # ---- generation plumbing ----
 
@@ -458,6 +590,10 @@ def _proto_field(name: str) -> str:
     if name in SAMPLING_FIELDS:
         return "sampling." + name
     return name
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
 
 
 def _log_request(request_id: str, step: Step) -> None:

@@ -112,22 +112,33 @@ def rope(x, pos, inv_freq):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [..., hd]
 
 
-def attention(q, k, v, pos=None):
+def attention_weights(q, k):
+    """Causal softmax weights [n_heads, T, S] of queries q [T, n_heads, hd] over keys k [S, n_kv_heads, hd]
+    (query t at position S - T + t; exactly 0 on later keys), scaled by 1/sqrt(hd), GQA as in `attention`."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    (T, n_heads, hd), S = q.shape, k.shape[0]
+    k = np.repeat(k, n_heads // k.shape[1], axis=1)  # [S, n_kv, hd] -> [S, n_heads, hd]
+    scores = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd)  # [n_heads, T, S]
+    future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]  # [T, S], True above the diagonal
+    return softmax(np.where(future, -np.inf, scores))  # [n_heads, T, S]
+
+
+def attention(q, k, v, pos=None, trace=None):
     """Causal GQA attention, scaled by 1/sqrt(hd); q head h reads kv head h // (n_heads / n_kv_heads).
 
     q [T, n_heads, hd], k and v [S, n_kv_heads, hd]: query t sits at position S - T + t. For one decode step,
-    q [n_heads, hd] sits at `pos` (default S - 1) and reads keys 0..pos.
+    q [n_heads, hd] sits at `pos` (default S - 1) and reads keys 0..pos. With a `trace` dict, the weights
+    [n_heads, T, S] are appended to trace["attention"].
     """
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     if q.ndim == 2:
         n = k.shape[0] if pos is None else pos + 1
         return attention(q[None], k[:n], v[:n])[0]  # [1, n_heads, hd] -> [n_heads, hd]
-    (T, n_heads, hd), S = q.shape, k.shape[0]
-    k = np.repeat(k, n_heads // k.shape[1], axis=1)  # [S, n_kv, hd] -> [S, n_heads, hd]
+    n_heads = q.shape[1]
     v = np.repeat(v, n_heads // v.shape[1], axis=1)  # [S, n_kv, hd] -> [S, n_heads, hd]
-    scores = np.einsum("thd,shd->hts", q, k) / math.sqrt(hd)  # [n_heads, T, S]
-    future = np.arange(S)[None, :] > (S - T + np.arange(T))[:, None]  # [T, S], True above the diagonal
-    weights = softmax(np.where(future, -np.inf, scores))  # [n_heads, T, S]
+    weights = attention_weights(q, k)  # [n_heads, T, S]
+    if trace is not None:
+        trace["attention"].append(weights)
     return np.einsum("hts,shd->thd", weights, v)  # [T, n_heads, hd]
 
 
@@ -139,7 +150,7 @@ def proj(x, p, name):
     return linear(x, p[name + ".weight"], p.get(name + ".bias"))  # HF nn.Linear, bias when stored
 
 
-def llama_block(x, p, config, inv_freq):
+def llama_block(x, p, config, inv_freq, trace=None):
     T, H, KV = x.shape[0], config["num_attention_heads"], config["num_key_value_heads"]
     hd, eps = config.get("head_dim") or x.shape[1] // H, config["rms_norm_eps"]
     h = rms_norm(x, p["input_layernorm.weight"], eps)  # [T, d]
@@ -147,14 +158,14 @@ def llama_block(x, p, config, inv_freq):
     k = proj(h, p, "self_attn.k_proj").reshape(T, KV, hd)  # [T, d] -> [T, KV, hd]
     v = proj(h, p, "self_attn.v_proj").reshape(T, KV, hd)  # [T, d] -> [T, KV, hd]
     pos = np.arange(T)  # [T], no cache: positions 0..T-1
-    a = attention(rope(q, pos, inv_freq), rope(k, pos, inv_freq), v)  # [T, H, hd]
+    a = attention(rope(q, pos, inv_freq), rope(k, pos, inv_freq), v, trace=trace)  # [T, H, hd]
     x = x + proj(a.reshape(T, H * hd), p, "self_attn.o_proj")  # [T, H*hd] -> [T, d]
     h = rms_norm(x, p["post_attention_layernorm.weight"], eps)  # [T, d]
     h = silu(proj(h, p, "mlp.gate_proj")) * proj(h, p, "mlp.up_proj")  # SwiGLU: [T, d] -> [T, inter]
     return x + proj(h, p, "mlp.down_proj")  # [T, inter] -> [T, d]
 
 
-def llama(ids, config, tensors):
+def llama(ids, config, tensors, trace=None):
     if config.get("hidden_act", "silu") != "silu":
         raise NotImplementedError(config["hidden_act"])
     window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
@@ -167,33 +178,39 @@ def llama(ids, config, tensors):
     inv_freq = rope_inv_freq(hd, theta, scaling)  # [hd/2]
     embed = tensors["model.embed_tokens.weight"]  # [vocab, d]
     x = embed[ids]  # [T] -> [T, d]
+    _record(trace, "hidden", x)
     for i in range(config["num_hidden_layers"]):
-        x = llama_block(x, params(tensors, f"model.layers.{i}."), config, inv_freq)  # [T, d] -> [T, d]
+        x = llama_block(x, params(tensors, f"model.layers.{i}."), config, inv_freq, trace)  # [T, d] -> [T, d]
+        _record(trace, "hidden", x)
     x = rms_norm(x, tensors["model.norm.weight"], config["rms_norm_eps"])  # [T, d]
+    _record(trace, "final", x)
     return linear(x, tensors.get("lm_head.weight", embed))  # [T, d] -> [T, vocab], embed when tied
 
 
-def gpt2_block(x, p, n_head, eps):
+def gpt2_block(x, p, n_head, eps, trace=None):
     (T, d), hd = x.shape, x.shape[1] // n_head
     h = layer_norm(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # [T, d]
     qkv = h @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]  # Conv1D, W [in, out]: [T, d] -> [T, 3d]
     q, k, v = (m.reshape(T, n_head, hd) for m in np.split(qkv, 3, axis=-1))  # 3 x [T, n_head, hd]
-    a = attention(q, k, v).reshape(T, d)  # [T, n_head, hd] -> [T, d]
+    a = attention(q, k, v, trace=trace).reshape(T, d)  # [T, n_head, hd] -> [T, d]
     x = x + a @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"]  # [T, d] -> [T, d]
     h = layer_norm(x, p["ln_2.weight"], p["ln_2.bias"], eps)  # [T, d]
     h = gelu_tanh(h @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"])  # [T, d] -> [T, 4d]
     return x + h @ p["mlp.c_proj.weight"] + p["mlp.c_proj.bias"]  # [T, 4d] -> [T, d]
 
 
-def gpt2(ids, config, tensors):
+def gpt2(ids, config, tensors, trace=None):
     if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise NotImplementedError(config["activation_function"])
     t = params(tensors, "transformer.") if "transformer.wte.weight" in tensors else tensors  # both HF namings
     eps = config.get("layer_norm_epsilon", 1e-5)
+    _record(trace, "hidden", t["wte.weight"][ids])  # [T, d] the token rows, before the positions
     x = t["wte.weight"][ids] + t["wpe.weight"][np.arange(len(ids))]  # [T, d] token + position embeddings
     for i in range(config["n_layer"]):
-        x = gpt2_block(x, params(t, f"h.{i}."), config["n_head"], eps)  # [T, d] -> [T, d]
+        x = gpt2_block(x, params(t, f"h.{i}."), config["n_head"], eps, trace)  # [T, d] -> [T, d]
+        _record(trace, "hidden", x)
     x = layer_norm(x, t["ln_f.weight"], t["ln_f.bias"], eps)  # [T, d]
+    _record(trace, "final", x)
     return linear(x, tensors.get("lm_head.weight", t["wte.weight"]))  # [T, d] -> [T, vocab], tied to wte
 
 
@@ -205,3 +222,19 @@ def reference_logits(folder_or_loaded, token_ids) -> np.ndarray:
     loaded = folder_or_loaded if isinstance(folder_or_loaded, tuple) else load_reference(folder_or_loaded)
     config, tensors = loaded
     return FORWARDS[config["model_type"]](np.asarray(token_ids, np.int64), config, tensors)
+
+
+def reference_trace(folder_or_loaded, token_ids) -> dict:
+    """The full causal forward with its insides: {"hidden": [L + 1] x [T, d] (0: the token embedding rows,
+    k: after layer k), "attention": [L] x [n_heads, T, T], "final": [T, d] after the final norm,
+    "logits": [T, vocab]}, all float64."""
+    loaded = folder_or_loaded if isinstance(folder_or_loaded, tuple) else load_reference(folder_or_loaded)
+    config, tensors = loaded
+    trace = {"hidden": [], "attention": [], "final": []}
+    logits = FORWARDS[config["model_type"]](np.asarray(token_ids, np.int64), config, tensors, trace)
+    return {**trace, "final": trace["final"][0], "logits": logits}
+
+
+def _record(trace, key, x):
+    if trace is not None:
+        trace[key].append(np.array(x, np.float64))
