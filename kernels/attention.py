@@ -80,6 +80,32 @@ def fast_exp(x):
     return (p * r * r + r + np.float32(1.0)) * scale
 
 
+TILE = 16  # query tokens of one sequence processed together: each cached K/V row is read once per tile
+
+
+@njit(cache=True, nogil=True)
+def _query_tiles(token_seq, positions):
+    """Starts of runs of at most TILE consecutive tokens of one sequence at consecutive positions (a prompt
+    chunk splits into tiles; a decode token is a tile of one), plus the end."""
+    T = token_seq.shape[0]
+    starts = np.empty(T + 1, dtype=np.int64)
+    n, t = 0, 0
+    while t < T:
+        starts[n] = t
+        n += 1
+        first = t
+        t += 1
+        while (
+            t < T
+            and t - first < TILE
+            and token_seq[t] == token_seq[first]
+            and positions[t] == positions[first] + t - first
+        ):
+            t += 1
+    starts[n] = T
+    return starts[: n + 1]
+
+
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def paged_attention(
     out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, n_heads, n_kv_heads
@@ -89,47 +115,56 @@ def paged_attention(
     out: [T, H * Dh]; qkv: [T, (H + 2 Hkv) * Dh]; k_cache, v_cache: [NB, BS, Hkv, Dh];
     block_tables: [S, max_blocks] int32 (a sequence's blocks in order); token_seq: [T] int64 (the sequence
     of each token); positions: [T] int64 (a token sees cache positions 0..positions[t]).
-    One work item per (token, kv head): the query heads that share a kv head (H / Hkv of them) read each
-    cached key and value row once, together. Softmax subtracts the max and uses fast_exp.
+    One work item per (tile of up to TILE consecutive query tokens, kv head): every cached key and value row
+    is read once for all the tile's tokens and for the H / Hkv query heads that share the kv head. Softmax
+    subtracts the max and uses fast_exp.
     """
-    T = qkv.shape[0]
     block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
     group = n_heads // n_kv_heads
-    for item in prange(T * n_kv_heads):
-        t, g = item // n_kv_heads, item % n_kv_heads
-        s = token_seq[t]
-        n = positions[t] + 1
-        q = np.empty((group, head_dim), dtype=np.float32)  # this group's query heads, pre-scaled
-        for hh in range(group):
+    tiles = _query_tiles(token_seq, positions)
+    n_tiles = tiles.shape[0] - 1
+    for item in prange(n_tiles * n_kv_heads):
+        tile, g = item // n_kv_heads, item % n_kv_heads
+        t0, t1 = tiles[tile], tiles[tile + 1]
+        rows = (t1 - t0) * group  # one row per (token, query head of the group)
+        s = token_seq[t0]
+        n = positions[t1 - 1] + 1  # cached positions the last token of the tile sees
+        first = positions[t0]  # the tile's first token sees 0..first
+        q = np.empty((rows, head_dim), dtype=np.float32)  # pre-scaled queries
+        for r in range(rows):
+            t, hh = t0 + r // group, r % group
             for i in range(head_dim):
-                q[hh, i] = qkv[t, (g * group + hh) * head_dim + i] * scale
-        scores = np.empty((group, n), dtype=np.float32)
+                q[r, i] = qkv[t, (g * group + hh) * head_dim + i] * scale
+        scores = np.empty((rows, n), dtype=np.float32)
         for j in range(n):
             b, o = block_tables[s, j // block_size], j % block_size
-            for hh in range(group):
+            r0 = max(j - first, 0) * group  # tokens before this one in the tile do not see position j
+            for r in range(r0, rows):
                 acc = np.float32(0.0)
                 for i in range(head_dim):
-                    acc += q[hh, i] * k_cache[b, o, g, i]
-                scores[hh, j] = acc
-        acc_v = np.zeros((group, head_dim), dtype=np.float32)
-        for hh in range(group):
-            m = scores[hh, 0]
-            for j in range(1, n):
-                m = max(m, scores[hh, j])
+                    acc += q[r, i] * k_cache[b, o, g, i]
+                scores[r, j] = acc
+        for r in range(rows):
+            seen = first + r // group + 1
+            m = scores[r, 0]
+            for j in range(1, seen):
+                m = max(m, scores[r, j])
             total = np.float32(0.0)
-            for j in range(n):
-                e = fast_exp(scores[hh, j] - m)
-                scores[hh, j] = e
+            for j in range(seen):
+                e = fast_exp(scores[r, j] - m)
+                scores[r, j] = e
                 total += e
             inv = np.float32(1.0) / total
-            for j in range(n):
-                scores[hh, j] *= inv
+            for j in range(seen):
+                scores[r, j] *= inv
+        acc_v = np.zeros((rows, head_dim), dtype=np.float32)
         for j in range(n):
             b, o = block_tables[s, j // block_size], j % block_size
-            for hh in range(group):
-                w = scores[hh, j]
+            for r in range(max(j - first, 0) * group, rows):
+                w = scores[r, j]
                 for i in range(head_dim):
-                    acc_v[hh, i] += w * v_cache[b, o, g, i]
-        for hh in range(group):
+                    acc_v[r, i] += w * v_cache[b, o, g, i]
+        for r in range(rows):
+            t, hh = t0 + r // group, r % group
             for i in range(head_dim):
-                out[t, (g * group + hh) * head_dim + i] = acc_v[hh, i]
+                out[t, (g * group + hh) * head_dim + i] = acc_v[r, i]

@@ -17,6 +17,7 @@ def forward(model, cache, batch):
     ckpt, c = model.checkpoint, model.config
     H, Dh, eps = c.num_heads, c.head_dim, c.norm_eps
     T = len(batch.token_ids)
+    d = batch.decode_tokens  # leading rows that are decode tokens (see linear)
     scale = np.float32(1.0 / np.sqrt(Dh))
 
     x = np.empty((T, c.hidden_size), dtype=np.float32)  # [T, D] the residual stream
@@ -29,7 +30,7 @@ def forward(model, cache, batch):
     add_embedding(x, ckpt.positions, batch.positions)
     for i, layer in enumerate(ckpt.layers):
         layernorm(h, x, layer.ln1_weight, layer.ln1_bias, eps)
-        linear(qkv, h, layer.qkv)
+        linear(qkv, h, layer.qkv, d)
         add_bias(qkv, layer.qkv_bias)
         cache_write(cache.k[i], cache.v[i], qkv, batch.slots, H, H, Dh)
         paged_attention(
@@ -44,19 +45,19 @@ def forward(model, cache, batch):
             H,
             H,
         )
-        linear(h, att, layer.o)
+        linear(h, att, layer.o, d)
         add_bias(h, layer.o_bias)
         add(x, h)
         layernorm(h, x, layer.ln2_weight, layer.ln2_bias, eps)
-        linear(fc, h, layer.fc)
+        linear(fc, h, layer.fc, d)
         add_bias(fc, layer.fc_bias)
         gelu_tanh(fc)
-        linear(h, fc, layer.proj)
+        linear(h, fc, layer.proj, d)
         add_bias(h, layer.proj_bias)
         add(x, h)
 
     last = np.ascontiguousarray(x[batch.logits_rows])  # [R, D]
     layernorm(last, last, ckpt.final_norm, ckpt.final_norm_bias, eps)
     logits = np.empty((len(last), c.vocab_size), dtype=np.float32)  # [R, V]
-    linear(logits, last, ckpt.lm_head)
+    linear(logits, last, ckpt.lm_head, d)  # decode tokens come first among the logits rows too
     return logits

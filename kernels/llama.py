@@ -16,6 +16,7 @@ def forward(model, cache, batch):
     ckpt, c = model.checkpoint, model.config
     H, Hkv, Dh, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps
     T = len(batch.token_ids)
+    d = batch.decode_tokens  # leading rows that are decode tokens (see linear)
     scale = np.float32(1.0 / np.sqrt(Dh))
 
     x = np.empty((T, c.hidden_size), dtype=np.float32)  # [T, D] the residual stream
@@ -29,7 +30,7 @@ def forward(model, cache, batch):
     for i, layer in enumerate(ckpt.layers):
         # attention block
         rmsnorm(h, x, layer.attn_norm, eps)
-        linear(qkv, h, layer.qkv)
+        linear(qkv, h, layer.qkv, d)
         if layer.qkv_bias is not None:
             add_bias(qkv, layer.qkv_bias)
         rope_qk(qkv, batch.positions, model.rope_cos, model.rope_sin, H, Hkv, Dh)
@@ -46,17 +47,17 @@ def forward(model, cache, batch):
             H,
             Hkv,
         )
-        linear(h, att, layer.o)
+        linear(h, att, layer.o, d)
         add(x, h)
         # feed-forward block
         rmsnorm(h, x, layer.mlp_norm, eps)
-        linear(gate_up, h, layer.gate_up)
+        linear(gate_up, h, layer.gate_up, d)
         swiglu(act, gate_up)
-        linear(h, act, layer.down)
+        linear(h, act, layer.down, d)
         add(x, h)
 
     last = np.ascontiguousarray(x[batch.logits_rows])  # [R, D]
     rmsnorm(last, last, ckpt.final_norm, eps)
     logits = np.empty((len(last), c.vocab_size), dtype=np.float32)  # [R, V]
-    linear(logits, last, ckpt.lm_head)
+    linear(logits, last, ckpt.lm_head, d)  # decode tokens come first among the logits rows too
     return logits

@@ -8,8 +8,7 @@ never changes when a new format (int8, 4-bit blocks) is added. Weights are [N, K
 import numpy as np
 from numba import njit, prange
 
-from nextword.kernels import FASTMATH
-from nextword.kernels.quant import matmul_q4_1, matmul_q8_0
+from nextword.kernels import FASTMATH, quant
 from nextword.weights.quantize import Q4Weight, Q8Weight
 
 
@@ -19,18 +18,19 @@ def matmul_f32(out, x, w):
 
     Work items are blocks of 4 weight rows; within one, tokens go two at a time, so each loaded weight value
     feeds 2 products and each activation 4 (8 running sums: compute-bound at ~2x the plain dot product).
-    With one token (decode) it is 4 plain row dots: bandwidth-bound, every weight read once.
+    An odd last token is paired with itself: every token's sums come from the same instructions whatever
+    its neighbours, so a token's result never depends on the rest of the batch.
     """
     T, K = x.shape
     N = w.shape[0]
     for blk in prange((N + 3) // 4):
         n0 = blk * 4
-        t = 0
         if n0 + 4 <= N:
-            while t + 2 <= T:
+            for t in range(0, T, 2):
+                u = min(t + 1, T - 1)
                 a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = np.float32(0.0)
                 for k in range(K):
-                    x0, x1 = x[t, k], x[t + 1, k]
+                    x0, x1 = x[t, k], x[u, k]
                     w0, w1, w2, w3 = w[n0, k], w[n0 + 1, k], w[n0 + 2, k], w[n0 + 3, k]
                     a00 += w0 * x0
                     a01 += w0 * x1
@@ -40,26 +40,39 @@ def matmul_f32(out, x, w):
                     a21 += w2 * x1
                     a30 += w3 * x0
                     a31 += w3 * x1
-                out[t, n0], out[t + 1, n0] = a00, a01
-                out[t, n0 + 1], out[t + 1, n0 + 1] = a10, a11
-                out[t, n0 + 2], out[t + 1, n0 + 2] = a20, a21
-                out[t, n0 + 3], out[t + 1, n0 + 3] = a30, a31
-                t += 2
-        for tt in range(t, T):  # the odd token, and the last rows when N is not a multiple of 4
-            for n in range(n0, min(N, n0 + 4)):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += x[tt, k] * w[n, k]
-                out[tt, n] = acc
+                out[t, n0], out[u, n0] = a00, a01
+                out[t, n0 + 1], out[u, n0 + 1] = a10, a11
+                out[t, n0 + 2], out[u, n0 + 2] = a20, a21
+                out[t, n0 + 3], out[u, n0 + 3] = a30, a31
+        else:  # the last rows when N is not a multiple of 4
+            for t in range(T):
+                for n in range(n0, N):
+                    acc = np.float32(0.0)
+                    for k in range(K):
+                        acc += x[t, k] * w[n, k]
+                    out[t, n] = acc
 
 
-def linear(out: np.ndarray, x: np.ndarray, w) -> None:
-    """out = x @ w.T for a weight in any supported format.   out: [T, N]; x: [T, K]; w: [N, K]"""
+def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0) -> None:
+    """out = x @ w.T for a weight in any supported format.   out: [T, N]; x: [T, K]; w: [N, K]
+
+    Quantized weights multiply the first `decode_rows` rows (decode tokens) with int8-quantized activations,
+    like llama.cpp: the fastest form for a few rows; and the other rows (prompt tokens) with float32
+    activations: faster for many rows, and exact. The choice follows each token's role, never the batch
+    size, so a request's results do not depend on what else is in its batch.
+    """
     if isinstance(w, np.ndarray) and w.dtype == np.float32:
         matmul_f32(out, x, w)
-    elif isinstance(w, Q4Weight):
-        matmul_q4_1(out, x, w.qs, w.d, w.m)
-    elif isinstance(w, Q8Weight):
-        matmul_q8_0(out, x, w.qs, w.d)
+    elif isinstance(w, Q4Weight | Q8Weight):
+        d = decode_rows
+        if d:
+            _quantized(w, "xq")(out[:d], x[:d], *w.blocks)
+        if d < len(x):
+            _quantized(w, "xf")(out[d:], x[d:], *w.blocks)
     else:
         raise TypeError(f"no matmul kernel for weight {type(w).__name__} {getattr(w, 'dtype', '')}")
+
+
+def _quantized(w, path: str):
+    """The kernel for weight w's format: path "xq" (int8 activations) or "xf" (float32 activations)."""
+    return getattr(quant, f"matmul_{'q4_1' if isinstance(w, Q4Weight) else 'q8_0'}_{path}")

@@ -24,11 +24,15 @@ class Batch:
     slots: np.ndarray  # [T] int64  KV-cache slot (block * block_size + offset) of each token
     block_tables: np.ndarray  # [S, max_blocks] int32  each sequence's cache blocks, in order
     logits_rows: np.ndarray  # [R] int64  token rows whose next-token logits are wanted
+    decode_tokens: int = 0  # the first rows are decode tokens (one per sequence), the rest prompt tokens
 
     @classmethod
-    def build(cls, seqs: list[tuple[list[int], int, list[int], str]], block_size: int):
+    def build(
+        cls, seqs: list[tuple[list[int], int, list[int], str]], block_size: int, decode_tokens: int = 0
+    ):
         """seqs: (new token ids, position of the first one, cache blocks, logits wanted) per sequence, where
-        logits wanted is "last" (the next-token distribution), "all" (every new position) or "none"."""
+        logits wanted is "last" (the next-token distribution), "all" (every new position) or "none".
+        decode_tokens: how many of the first sequences are decoding (one new token each, listed first)."""
         ids, pos, seq_of, slots, rows = [], [], [], [], []
         width = max(len(blocks) for _, _, blocks, _ in seqs)
         tables = np.zeros((len(seqs), width), dtype=np.int32)
@@ -47,7 +51,7 @@ class Batch:
             row += len(new)
         cat = np.concatenate
         logits_rows = cat(rows).astype(np.int64) if rows else np.zeros(0, dtype=np.int64)
-        return cls(cat(ids), cat(pos), cat(seq_of), cat(slots), tables, logits_rows)
+        return cls(cat(ids), cat(pos), cat(seq_of), cat(slots), tables, logits_rows, decode_tokens)
 
 
 class KVCache:

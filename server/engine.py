@@ -231,14 +231,14 @@ class Engine:
             elif seq.params.max_time_s and now - seq.submitted_at >= seq.params.max_time_s:
                 self._finish(seq, "time", None, token=None)
         self._admit()
-        scheduled, budget = [], self.max_batch_tokens
+        # Decoding sequences first (one token each), then prompt chunks within the token budget.
+        scheduled = [(s, 1) for s in self._running if s.num_cached >= len(s.prompt_ids)]
+        decode_tokens, budget = len(scheduled), self.max_batch_tokens - len(scheduled)
         for seq in self._running:
-            todo = len(seq.tokens) - seq.num_cached
-            chunk = min(todo, budget) if seq.num_cached < len(seq.prompt_ids) else todo
-            if chunk <= 0:
-                continue
-            budget -= chunk
-            scheduled.append((seq, chunk))
+            if seq.num_cached < len(seq.prompt_ids) and budget > 0:
+                chunk = min(len(seq.tokens) - seq.num_cached, budget)
+                budget -= chunk
+                scheduled.append((seq, chunk))
         if not scheduled:
             self.last_batch = (0, 0)
             return 0
@@ -255,6 +255,7 @@ class Engine:
                 for seq, n in scheduled
             ],
             self.blocks.block_size,
+            decode_tokens,
         )
         logits = self.model.forward(self.cache, batch)
         row = 0

@@ -172,3 +172,23 @@ def test_fast_exp():
     expect = np.exp(x.astype(np.float64))
     np.testing.assert_allclose(got[x > -87], expect[x > -87], rtol=5e-7, atol=0)
     assert (got[x <= -87] < 2e-38).all()  # clamped: tiny, never negative or NaN
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
+def test_a_tokens_result_does_not_depend_on_its_batch(fmt):
+    """Each row of x @ w.T is bit-identical whether computed alone, at an odd or even offset, or among
+    other rows, in every path linear() takes: the engine promises that batch mates change no result."""
+    from nextword.weights.quantize import quantize_q4_1, quantize_q8_0
+
+    rng = np.random.default_rng(5)
+    w = randn(rng, 66, 96)
+    w = {"f32": w, "q8": quantize_q8_0(w), "q4": quantize_q4_1(w)}[fmt]
+    x = randn(rng, 9, 96)
+    for decode_rows in (0, 3):
+        full = np.empty((9, 66), dtype=np.float32)
+        linear(full, x, w, decode_rows)
+        for start, stop in ((0, 1), (3, 4), (1, 9), (4, 7)):
+            part = np.empty((stop - start, 66), dtype=np.float32)
+            rows = np.ascontiguousarray(x[start:stop])
+            linear(part, rows, w, max(0, min(decode_rows, stop) - start))
+            np.testing.assert_array_equal(part, full[start:stop])

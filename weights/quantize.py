@@ -39,6 +39,11 @@ class Q8Weight:
         return self.qs.shape
 
     @property
+    def blocks(self) -> tuple[np.ndarray, ...]:
+        """The arrays a kernel takes after (out, x)."""
+        return (self.qs, self.d)
+
+    @property
     def nbytes(self) -> int:
         return self.qs.nbytes + self.d.nbytes
 
@@ -60,6 +65,11 @@ class Q4Weight:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.qs.shape[0], self.qs.shape[1] * 2)
+
+    @property
+    def blocks(self) -> tuple[np.ndarray, ...]:
+        """The arrays a kernel takes after (out, x)."""
+        return (self.qs, self.d, self.m)
 
     @property
     def nbytes(self) -> int:
