@@ -26,8 +26,10 @@ from nextword.weights.quantize import quantize_checkpoint
 TEXT = Path(__file__).parent / "data" / "english.txt"
 
 
-def score(model: Model, ids: list[int], window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per predicted position: (negative log-likelihood of the actual next token, argmax token)."""
+def score(model: Model, ids: list[int], window: int, decode_path: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per predicted position: (negative log-likelihood of the actual next token, argmax token). With
+    `decode_path`, every position goes through the matmul path of decode tokens (int8 activations for the
+    quantized formats) instead of the prompt path (float32 activations)."""
     block = 16
     cache = model.new_cache(num_blocks=-(-window // block), block_size=block)
     nll, top1 = [], []
@@ -36,7 +38,10 @@ def score(model: Model, ids: list[int], window: int) -> tuple[np.ndarray, np.nda
         if len(chunk) < 2:
             break
         blocks = list(range(-(-len(chunk) // block)))
-        logits = model.forward(cache, Batch.build([(chunk, 0, blocks, "all")], block))  # [T, V]
+        batch = Batch.build(
+            [(chunk, 0, blocks, "all")], block, decode_tokens=len(chunk) if decode_path else 0
+        )
+        logits = model.forward(cache, batch)  # [T, V]
         logprobs = np.empty_like(logits)
         log_softmax(logprobs, logits)
         targets = np.asarray(chunk[1:])
@@ -58,17 +63,22 @@ def main() -> None:
     results = {}
     for fmt in args.formats:
         model = Model(quantize_checkpoint(checkpoint, fmt))
-        started = time.perf_counter()
-        nll, top1 = score(model, ids, args.window)
-        results[fmt] = (math.exp(nll.mean()), top1, model.checkpoint.nbytes, time.perf_counter() - started)
+        for path in ("prompt", "decode") if fmt != "f32" else ("prompt",):
+            started = time.perf_counter()
+            nll, top1 = score(model, ids, args.window, decode_path=path == "decode")
+            elapsed = time.perf_counter() - started
+            results[f"{fmt} {path}"] = (math.exp(nll.mean()), top1, model.checkpoint.nbytes, elapsed)
 
-    base = results.get("f32")
+    base = results.get("f32 prompt")
     print(f"{folder.name}: {len(ids)} tokens of {TEXT.name}, windows of {args.window}")
-    print(f"{'format':<8}{'weights MB':>11}{'perplexity':>12}{'vs f32':>9}{'top-1 = f32':>13}{'seconds':>9}")
+    print("path: prompt = float32 activations (prefill), decode = int8 activations (decode tokens)")
+    print(
+        f"{'format, path':<14}{'weights MB':>11}{'perplexity':>12}{'vs f32':>9}{'top-1 = f32':>13}{'seconds':>9}"
+    )
     for fmt, (ppl, top1, nbytes, seconds) in results.items():
         rel = f"{ppl / base[0] - 1:+.2%}" if base else "-"
         agree = f"{(top1 == base[1]).mean():.2%}" if base else "-"
-        print(f"{fmt:<8}{nbytes / 1e6:11.1f}{ppl:12.3f}{rel:>9}{agree:>13}{seconds:9.1f}")
+        print(f"{fmt:<14}{nbytes / 1e6:11.1f}{ppl:12.3f}{rel:>9}{agree:>13}{seconds:9.1f}")
 
 
 if __name__ == "__main__":
