@@ -28,24 +28,7 @@ def smollm2(smollm2_folder):
 def smollm2_server(smollm2_folder):
     """`nextword serve` as users run it (default weights) on a free port, in-process: an event loop on a
     background thread. Shared by the inspection and docs tests."""
-    import asyncio
-    import threading
+    from servers import running_server
 
-    from nextword.server.serve import NextwordServer, ServerConfig
-
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-    srv = NextwordServer(
-        ServerConfig(model=smollm2_folder, port=0, kv_cache_tokens=4096, grace_s=1, metrics_port=0)
-    )
-    run(srv.start())
-    run(srv.wait_ready())
-    yield srv
-    run(srv.stop(1))
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with running_server(model=smollm2_folder, kv_cache_tokens=4096) as srv:
+        yield srv

@@ -1,12 +1,10 @@
 """End to end over loopback: the real default model behind the gRPC service, called through the thin client."""
 
-import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,10 +14,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from servers import running_server, wait_idle
 
 from nextword.client import Client, DeadlineExceeded, InvalidArgument, NextwordError
 from nextword.server.sampling import SamplingParams
-from nextword.server.serve import NextwordServer, ServerConfig
 
 pytestmark = pytest.mark.real_model
 PROMPTS = [
@@ -36,40 +34,14 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def server(smollm2_folder):
-    """A server on a free port, run by an event loop on a background thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-    srv = NextwordServer(
-        ServerConfig(
-            model=smollm2_folder, weights="f32", port=0, kv_cache_tokens=8192, grace_s=1, metrics_port=0
-        )
-    )
-    run(srv.start())
-    run(srv.wait_ready())
-    yield srv
-    run(srv.stop(1))
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(5)
+    with running_server(model=smollm2_folder, weights="f32", kv_cache_tokens=8192) as srv:
+        yield srv
 
 
 @pytest.fixture
 def client(server):
     with Client(f"127.0.0.1:{server.port}") as c:
         yield c
-
-
-def wait_idle(server, timeout=5.0):
-    """The engine's count of live sequences returns to zero (polled: it drops them at its next step)."""
-    engine = server.runner.engine
-    deadline = time.monotonic() + timeout
-    while engine.live_sequences and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return engine.live_sequences
 
 
 def test_streamed_greedy_text_equals_in_process(client, smollm2):

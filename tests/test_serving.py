@@ -1,52 +1,21 @@
 """Serving many at once: batching changes no result, admission control, prefix cache, editor sessions, metrics."""
 
 import asyncio
-import threading
 import time
 import urllib.request
-from contextlib import contextmanager
 
 import pytest
+from servers import running_server, wait_idle
 from tiny_models import write_tiny_model
 
 from nextword.client import AsyncClient, Client, ResourceExhausted
 from nextword.server.engine import Engine
 from nextword.server.sampling import SamplingParams
-from nextword.server.serve import NextwordServer, ServerConfig
 
 LINE = (
     "The old clockmaker opened his shop every morning at seven, wound the great brass clock above the door, "
     "and sat down at his bench to repair the watches that the village had brought him the day before."
 )[:200]
-
-
-@contextmanager
-def running_server(**config):
-    """A NextwordServer on a free port, its event loop on a background thread."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def run(coro, timeout=120):
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
-
-    srv = NextwordServer(ServerConfig(port=0, metrics_port=0, grace_s=1, **config))
-    run(srv.start())
-    run(srv.wait_ready())
-    try:
-        yield srv
-    finally:
-        run(srv.stop(1))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-
-
-def wait_idle(srv, timeout=5.0):
-    engine = srv.runner.engine
-    deadline = time.monotonic() + timeout
-    while engine.live_sequences and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return engine.live_sequences
 
 
 @pytest.fixture(scope="module")

@@ -176,12 +176,12 @@ class TensorFiles:
         """The tensor as C-contiguous float32."""
         path, (dtype, shape) = self.where[name], self.info[name]
         if dtype == "BF16":
-            return _read_bf16(path, name, shape)
+            return read_bf16(path, name, shape)
         with safe_open(path, framework="numpy") as f:
             return np.ascontiguousarray(f.get_tensor(name), dtype=np.float32)
 
 
-def _read_bf16(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
+def read_bf16(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
     # bfloat16 is the top half of a float32: widen the raw bits (the header was validated by safe_open).
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))

@@ -6,12 +6,12 @@ Language models go through `loader.load_checkpoint`, which validates names and s
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
+
+from nextword.weights.loader import read_bf16
 
 
 def load_tensors(folder: str | Path) -> dict[str, np.ndarray]:
@@ -30,19 +30,9 @@ def load_tensors(folder: str | Path) -> dict[str, np.ndarray]:
                         raise ValueError(f"{path}: tensor {name!r} is also stored in another file")
                     s = f.get_slice(name)
                     if s.get_dtype() == "BF16":  # numpy has no bfloat16: widen the raw bits
-                        tensors[name] = _read_bf16(path, name, tuple(s.get_shape()))
+                        tensors[name] = read_bf16(path, name, tuple(s.get_shape()))
                     else:
                         tensors[name] = np.ascontiguousarray(f.get_tensor(name), dtype=np.float32)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors
-
-
-def _read_bf16(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    # bfloat16 is the top half of a float32 (the header was already validated by safe_open)
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        start, end = json.loads(f.read(header_len))[name]["data_offsets"]
-        f.seek(8 + header_len + start)
-        bits = np.frombuffer(f.read(end - start), dtype="<u2")
-    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
