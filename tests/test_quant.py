@@ -185,6 +185,49 @@ def test_decode_path_really_quantizes_activations(kind):
     assert np.abs(outs["xf"] - ref).max() < 1e-6 * scale.max()
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("n, k", [(37, 96), (13, 544), (29, 576), (3, 32), (11, 1504)])
+def test_int8_path_results_do_not_depend_on_the_batch(kind, n, k):
+    """Tokens go through the row dots 4 at a time plus a 1-token remainder: every token's output must be
+    bit for bit what a T=1 call gives, in a group or in the remainder (the engine's batch independence)."""
+    rng = np.random.default_rng(n * 1000 + k)
+    w = QUANTIZERS[kind][0](weight(rng, n, k))
+    x = activations(rng, 13, k)
+    xq, xq_portable = KERNELS[kind][1:3]
+    for fn in (xq, xq_portable):
+        full = np.full((13, n), np.nan, np.float32)
+        fn(full, x, *kernel_args(w))
+        single = np.full((13, n), np.nan, np.float32)
+        for t in range(13):
+            fn(single[t : t + 1], x[t : t + 1], *kernel_args(w))
+        np.testing.assert_array_equal(full, single)
+        for t0 in range(0, 13, 5):  # and as part of other batches
+            part = np.full((13 - t0, n), np.nan, np.float32)
+            fn(part, np.ascontiguousarray(x[t0:]), *kernel_args(w))
+            np.testing.assert_array_equal(part, single[t0:])
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+def test_portable_4_token_dot_matches_1_token_dot(kind):
+    """The portable 4-token dot (what non-AVX2 hosts run for groups of 4) against the portable 1-token one."""
+    rng = np.random.default_rng(3)
+    n, k, T = 5, 544, 6
+    w = QUANTIZERS[kind][0](weight(rng, n, k))
+    x = activations(rng, T, k)
+    xq = np.empty((T, k), np.int8)
+    dx, sx = np.empty((T, k // 32), np.float32), np.empty((T, k // 32), np.float32)
+    kq.quantize_activations(xq, dx, sx, x)
+    for i in range(n):
+        for t in range(T - 3):
+            if kind == "Q8_0":
+                got = kq._dot_q8_portable_x4(w.qs, w.d, i, xq, dx, t)
+                want = [kq._dot_q8_portable(w.qs, w.d, i, xq, dx, t + j) for j in range(4)]
+            else:
+                got = kq._dot_q4_portable_x4(w.qs, w.d, w.m, i, xq, dx, sx, t)
+                want = [kq._dot_q4_portable(w.qs, w.d, w.m, i, xq, dx, sx, t + j) for j in range(4)]
+            np.testing.assert_array_equal(np.array(got, np.float32), np.array(want, np.float32))
+
+
 def test_quantize_activations_orders():
     rng = np.random.default_rng(11)
     x = activations(rng, 2, 160)  # 5 blocks: two pairs and an odd one
@@ -216,6 +259,8 @@ def test_cpu_feature_selection():
     assert kq.HAVE_AVX2 == kq._host_has_avx2()
     assert (kq._dot_q8 is kq._dot_q8_avx2) == kq.HAVE_AVX2
     assert (kq._dot_q4 is kq._dot_q4_avx2) == kq.HAVE_AVX2
+    assert (kq._dot_q8_x4 is kq._dot_q8_avx2_x4) == kq.HAVE_AVX2
+    assert (kq._dot_q4_x4 is kq._dot_q4_avx2_x4) == kq.HAVE_AVX2
 
 
 def test_one_compilation_per_kernel():
