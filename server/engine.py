@@ -34,7 +34,6 @@ from nextword.server.sampling import (
 )
 from nextword.server.tokenizer import IncrementalDecoder, Tokenizer
 from nextword.weights.loader import load_checkpoint
-from nextword.weights.quantize import quantize_checkpoint
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,7 @@ class Engine:
         """An engine on the Hugging Face model in `folder`, its matmul weights in format `weights`
         (f32, int8 or q4: see nextword.weights.quantize)."""
         folder = Path(folder)
-        checkpoint = quantize_checkpoint(load_checkpoint(folder), weights)
+        checkpoint = load_checkpoint(folder, weights)
         _return_freed_memory()  # the float32 originals of quantized weights
         model = Model(checkpoint, kwargs.pop("max_context", None))
         engine = cls(model, Tokenizer(folder), model_id=kwargs.pop("model_id", folder.name), **kwargs)

@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from nextword.weights.config import ModelConfig, ModelError, read_config
+from nextword.weights.quantize import check_format, quantize_head, quantize_layer
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16: widened by hand (numpy has no bf16)
 
@@ -191,20 +192,23 @@ def read_bf16(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
 
 
-def load_checkpoint(folder: str | Path) -> Checkpoint:
-    """Read and validate a Hugging Face model folder. Raises ModelError naming what is wrong."""
+def load_checkpoint(folder: str | Path, weights: str = "f32") -> Checkpoint:
+    """Read and validate a Hugging Face model folder, its matmul weights in format `weights` (f32, int8 or
+    q4: see nextword.weights.quantize). Each layer is quantized as soon as it is read, so the float32 copy of
+    the whole model never exists at once. Raises ModelError naming what is wrong."""
+    check_format(weights)
     folder = Path(folder)
     config = read_config(folder)
     files = TensorFiles(folder)
     try:
         if config.family == "gpt2":
-            return _load_gpt2(config, files)
-        return _load_llama(config, files)
+            return _load_gpt2(config, files, weights)
+        return _load_llama(config, files, weights)
     except ModelError as e:
         raise ModelError(f"{folder}: {e}") from None
 
 
-def _load_llama(c: ModelConfig, files: TensorFiles) -> Checkpoint:
+def _load_llama(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
     files.check(llama_tensors(c), rename=lambda n: n)
     t = files.read
 
@@ -227,13 +231,13 @@ def _load_llama(c: ModelConfig, files: TensorFiles) -> Checkpoint:
     return Checkpoint(
         config=c,
         embed=embed,
-        layers=tuple(layer(i) for i in range(c.num_layers)),
+        layers=tuple(quantize_layer(layer(i), weights) for i in range(c.num_layers)),
         final_norm=t("model.norm.weight"),
-        lm_head=embed if c.tie_word_embeddings else t("lm_head.weight"),
+        lm_head=quantize_head(embed if c.tie_word_embeddings else t("lm_head.weight"), weights),
     )
 
 
-def _load_gpt2(c: ModelConfig, files: TensorFiles) -> Checkpoint:
+def _load_gpt2(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
     prefixed = "transformer.wte.weight" in files.info
 
     def rename(name: str) -> str:
@@ -268,9 +272,9 @@ def _load_gpt2(c: ModelConfig, files: TensorFiles) -> Checkpoint:
     return Checkpoint(
         config=c,
         embed=embed,
-        layers=tuple(layer(i) for i in range(c.num_layers)),
+        layers=tuple(quantize_layer(layer(i), weights) for i in range(c.num_layers)),
         final_norm=t("ln_f.weight"),
         final_norm_bias=t("ln_f.bias"),
-        lm_head=embed,
+        lm_head=quantize_head(embed, weights),
         positions=t("wpe.weight"),
     )

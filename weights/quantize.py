@@ -210,28 +210,39 @@ FORMATS = ("f32", "int8", "q4")  # what --weights accepts
 _QUANTIZERS = {"int8": quantize_q8_0, "q4": quantize_q4_1}
 
 
-def quantize_checkpoint(checkpoint, fmt: str):
-    """The checkpoint with every matmul weight (the layers' projections and the LM head) in format `fmt`.
+MATRICES = ("qkv", "o", "gate_up", "down", "fc", "proj")  # the layer fields that are matmul weights
 
-    Embedding rows are looked up, not multiplied, so the embedding table stays float32 (with tied embeddings
-    the LM head becomes a quantized copy). The LM head is never below int8: in 4 bits it alone costs several
-    percent of perplexity (llama.cpp's 4-bit files keep it at 6-8 bits too). A matrix whose K is not a
-    multiple of 32 stays float32.
-    """
+
+def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def quantize_layer(layer, fmt: str):
+    """A layer (LlamaLayer or GPT2Layer) with its matmul weights in format `fmt`; a matrix whose K is not a
+    multiple of 32 stays float32."""
     if fmt == "f32":
-        return checkpoint
+        return layer
     quantize = _QUANTIZERS[fmt]
+    changes = {}
+    for name in MATRICES:
+        w = getattr(layer, name, None)
+        if isinstance(w, np.ndarray) and w.shape[1] % QK == 0:
+            changes[name] = quantize(w)
+    return replace(layer, **changes)
 
-    def q(w):
-        return quantize(w) if isinstance(w, np.ndarray) and w.ndim == 2 and w.shape[1] % QK == 0 else w
 
-    matrices = ("qkv", "o", "gate_up", "down", "fc", "proj")
-    layers = tuple(
-        replace(layer, **{f: q(getattr(layer, f)) for f in matrices if hasattr(layer, f)})
-        for layer in checkpoint.layers
-    )
-    head = checkpoint.lm_head
-    lm_head = quantize_q8_0(head) if head.shape[1] % QK == 0 else head
-    return replace(checkpoint, layers=layers, lm_head=lm_head)
+def quantize_head(lm_head: np.ndarray, fmt: str):
+    """The LM head in format `fmt`, never below int8: in 4 bits it alone costs several percent of perplexity
+    (llama.cpp's 4-bit files keep it at 6-8 bits too). Embedding rows are looked up, not multiplied, so the
+    embedding table stays float32; with tied embeddings the head becomes a quantized copy."""
+    if fmt == "f32" or lm_head.shape[1] % QK:
+        return lm_head
+    return quantize_q8_0(lm_head)
+
+
+def quantize_checkpoint(checkpoint, fmt: str):
+    """The checkpoint with every matmul weight (the layers' projections and the LM head) in format `fmt`."""
+    check_format(fmt)
+    layers = tuple(quantize_layer(layer, fmt) for layer in checkpoint.layers)
+    return replace(checkpoint, layers=layers, lm_head=quantize_head(checkpoint.lm_head, fmt))
