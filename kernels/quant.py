@@ -15,7 +15,10 @@ Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
 - `*_xf` (prefill / batched decode): a few rows are dequantized into a small float32 buffer that is reused
   for all T tokens (4 rows x 2 tokens register blocking), so each weight byte is read once per call and the
   activations stay float32 (matches the float64 reference to ~1e-6 relative).
-`matmul_q8_0` / `matmul_q4_1` pick `*_xq` for T <= DECODE_T (all T: see there) and `*_xf` above.
+Which one a token goes through is decided by `nextword.kernels.matmul.linear`: by the token's role (decode
+tokens `*_xq`, prompt tokens `*_xf`), never by the batch size. Note for callers: a cached njit function that
+calls a parallel=True one can segfault when loaded from the cache (numba issue #8578), so dispatch from
+Python.
 
 All arrays C-contiguous; x, out float32; K a multiple of 32. The kernels allocate only small scratch arrays.
 This file is self-contained: it calls no njit function of another file.
@@ -34,11 +37,6 @@ from numba.extending import intrinsic
 from nextword.kernels import FASTMATH
 
 QK = 32  # elements per block
-# Token counts up to this use int8 activations; above, float32. The engine needs every token's result to be
-# the same whatever else is in its batch (a request's output must not depend on its batch mates), and the
-# int8 path computes each (row, token) product the same way for any T, so it is used for every T: prefill
-# costs ~25% more in the matmuls than with the float32 path (measured 7.8 vs 5.9 ms for 3072x576, T=512).
-DECODE_T = 1 << 62
 ROWS = 4  # weight rows dequantized together in the float-activation path
 CHUNK = 16  # rows per parallel work item in the float-activation path (one scratch buffer each)
 
@@ -730,27 +728,3 @@ def matmul_q4_1_xq_portable(out, x, qs, d, m):
     for i in prange(N):
         for t in range(T):
             out[t, i] = _dot_q4_portable(qs, d, m, i, xq, dx, sx, t)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Entry points. Plain Python on purpose: a cached njit function that calls a parallel=True one can segfault
-# when loaded from the cache (numba issue #8578; reproduced here with numba 0.68), so the T dispatch stays
-# in Python (~0.2 us).
-
-
-def matmul_q8_0(out: np.ndarray, x: np.ndarray, qs: np.ndarray, d: np.ndarray) -> None:
-    """out[T, N] = x[T, K] @ dequant(Q8_0 weight).T with int8 activations, for every T (see DECODE_T).
-    out: [T, N] float32; x: [T, K] float32; qs: int8 [N, K]; d: uint16 [N, K/32] fp16 bits"""
-    if x.shape[0] <= DECODE_T:
-        matmul_q8_0_xq(out, x, qs, d)
-    else:
-        matmul_q8_0_xf(out, x, qs, d)
-
-
-def matmul_q4_1(out: np.ndarray, x: np.ndarray, qs: np.ndarray, d: np.ndarray, m: np.ndarray) -> None:
-    """out[T, N] = x[T, K] @ dequant(Q4_1 weight).T with int8 activations, for every T (see DECODE_T).
-    out: [T, N] float32; x: [T, K] float32; qs: uint8 [N, K/2] (llama.cpp nibble order); d, m: uint16 [N, K/32]"""
-    if x.shape[0] <= DECODE_T:
-        matmul_q4_1_xq(out, x, qs, d, m)
-    else:
-        matmul_q4_1_xf(out, x, qs, d, m)

@@ -115,9 +115,10 @@ class Engine:
         max_top_n: int = 20,
         max_queue: int = 256,
         model_id: str = "",
+        weights_format: str = "f32",
     ):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
-        self.weights_format = "f32"
+        self.weights_format = weights_format  # as loaded: f32, int8 or q4
         self.config = model.config
         self.max_context = model.max_positions
         self.max_batch_tokens, self.max_top_n, self.max_queue = max_batch_tokens, max_top_n, max_queue
@@ -143,9 +144,8 @@ class Engine:
         checkpoint = load_checkpoint(folder, weights)
         _return_freed_memory()  # the float32 originals of quantized weights
         model = Model(checkpoint, kwargs.pop("max_context", None))
-        engine = cls(model, Tokenizer(folder), model_id=kwargs.pop("model_id", folder.name), **kwargs)
-        engine.weights_format = weights
-        return engine
+        model_id = kwargs.pop("model_id", folder.name)
+        return cls(model, Tokenizer(folder), model_id=model_id, weights_format=weights, **kwargs)
 
     # ---- requests (any thread) ----
 

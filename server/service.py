@@ -117,8 +117,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             engine = self._engine()
             prompt = self._prompt(request.prompt)
             params = SamplingParams(top_n=request.top_n)
-            outputs = await self._run(prompt, params, probs_only=True)
-            dist: Distribution = outputs[0]
+            dist: Distribution = await self._next_output(prompt, params, probs_only=True)
         except RequestError as e:
             await self._abort(context, e)
         return pb.NextTokenProbabilitiesResponse(
@@ -380,11 +379,12 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             if live is not None:
                 live.cancel_unless_finished()
 
-    async def _run(self, prompt, params, **kwargs) -> list:
+    async def _next_output(self, prompt, params, **kwargs):
+        """Submit a request and await its first output (all a probabilities-only request gives)."""
         queue: asyncio.Queue = asyncio.Queue()
         seq = self._submit(prompt, params, queue.put_nowait, **kwargs)
         try:
-            return [await queue.get()]
+            return await queue.get()
         finally:
             if not seq.finished:
                 self.runner.cancel(seq)

@@ -60,5 +60,4 @@ result = {
 }
 result["rss_mib"], result["peak_rss_mib"] = rss_mib()
 result["weights_mib"] = engine.model.checkpoint.nbytes / 2**20
-result["kv_cache_resident_mib"] = 0  # filled pages only: included in rss_mib
 print(json.dumps(result), flush=True)
