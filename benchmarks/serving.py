@@ -21,17 +21,21 @@ from nextword.client import Client
 from nextword.client.load import LoadConfig, run_load
 
 
-def start_server(weights: str) -> tuple[subprocess.Popen, str]:
+def start_server(weights: str, metrics: bool = False) -> tuple[subprocess.Popen, str, str | None]:
+    """A `nextword serve` on free ports; returns (process, gRPC target, metrics URL or None) once it is ready."""
     cmd = [sys.executable, "-m", "nextword.client.cli", "serve", "--port", "0", "--weights", weights]
-    cmd += ["--metrics-port", "-1", "--max-queue", "1024", "--log-level", "WARNING"]
+    cmd += ["--metrics-port", "0" if metrics else "-1", "--max-queue", "1024", "--log-level", "WARNING"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
     )
+    metrics_url = None
     for line in proc.stdout:
         if m := re.search(r"listening on ([\d.]+:\d+)", line):
             target = m.group(1)
+        if m := re.search(r"metrics on (\S+/metrics)", line):
+            metrics_url = m.group(1)
         if "ready in" in line:
-            return proc, target
+            return proc, target, metrics_url
     raise RuntimeError("the server did not start")
 
 
@@ -42,7 +46,7 @@ def main() -> None:
     ap.add_argument("--requests-per-worker", type=int, default=4)
     args = ap.parse_args()
 
-    proc, target = start_server(args.weights)
+    proc, target, _ = start_server(args.weights)
     try:
         rows, single = [], None
         for c in args.concurrency:

@@ -71,6 +71,7 @@ def add_serve_command(commands) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from nextword.server.memory import use_one_malloc_arena
     from nextword.server.serve import ServerConfig, serve
 
     logging.basicConfig(
@@ -91,6 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
         grace_s=args.grace,
     )
     print("nextword: " + ", ".join(f"{k}={v}" for k, v in vars(config).items()), flush=True)
+    use_one_malloc_arena()  # before the server's threads exist
     return asyncio.run(serve(config))
 
 

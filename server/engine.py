@@ -9,7 +9,6 @@ in-process conveniences: submit, then step until done.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import itertools
 import queue
@@ -24,6 +23,7 @@ import numpy as np
 from nextword.kernels.model import Batch, Model
 from nextword.kernels.softmax import log_softmax
 from nextword.server.kv_cache import BlockPool, block_keys
+from nextword.server.memory import release_freed_memory
 from nextword.server.sampling import (
     InvalidParameter,
     SampledToken,
@@ -142,7 +142,8 @@ class Engine:
         (f32, int8 or q4: see nextword.weights.quantize)."""
         folder = Path(folder)
         checkpoint = load_checkpoint(folder, weights)
-        _return_freed_memory()  # the float32 originals of quantized weights
+        gc.collect()
+        release_freed_memory()  # the float32 originals of quantized weights
         model = Model(checkpoint, kwargs.pop("max_context", None))
         model_id = kwargs.pop("model_id", folder.name)
         return cls(model, Tokenizer(folder), model_id=model_id, weights_format=weights, **kwargs)
@@ -397,16 +398,6 @@ class Engine:
         while not out:
             self.step()
         return out[0]
-
-
-def _return_freed_memory() -> None:
-    """Give freed heap memory back to the OS: glibc keeps freed blocks of a few MB (a layer's weights) in
-    the process, so without this the float32 copies of quantized weights stay resident."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _overlap(text: str, stop: str) -> int:

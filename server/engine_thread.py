@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from nextword.server.engine import Engine
+from nextword.server.memory import release_freed_memory
 
 log = logging.getLogger("nextword.engine")
 
@@ -60,13 +61,19 @@ class EngineThread:
             self._fail_queued_calls()
 
     def _run(self) -> None:
+        busy = False  # work was done since the engine was last idle
         while not self._stopping:
             self._wake.clear()  # before looking for work, so a submit in between is never missed
             called = self._run_one_call()
+            busy |= called
             if not self.engine.has_work():
                 if not called:
+                    if busy:  # going idle: the buffers of the last steps are free, return them
+                        release_freed_memory()
+                        busy = False
                     self._wake.wait()
                 continue
+            busy = True
             try:
                 if self.engine.step() == 0:  # only waiting requests, none admissible yet: don't spin
                     self._wake.wait(0.005)

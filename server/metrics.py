@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -24,6 +31,17 @@ class Metrics:
         self.generated = Counter("nextword_generated_tokens", "Tokens generated", registry=r)
         self.requests = Counter("nextword_requests", "Requests by outcome: a finish reason or a status code", ["outcome"], registry=r)  # fmt: skip
         self._seen = (0, 0)  # engine totals at the last step, to turn them into counter increments
+        # Memory: process_resident_memory_bytes (ProcessCollector) against what the model needs.
+        ProcessCollector(registry=r)
+        self.weights_bytes = Gauge(
+            "nextword_weights_bytes", "Bytes of the served weights, as stored", registry=r
+        )
+        self.kv_resident = Gauge("nextword_kv_cache_resident_bytes", "Bytes of the KV cache in memory (pages written so far)", registry=r)  # fmt: skip
+
+    def watch_memory(self, engine) -> None:
+        """Once the model is loaded."""
+        self.weights_bytes.set(engine.model.checkpoint.nbytes)
+        self.kv_resident.set_function(lambda: engine.cache.resident_bytes)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP on a daemon thread; returns the port."""

@@ -91,6 +91,7 @@ class NextwordServer:
     async def _load(self) -> None:
         started = time.perf_counter()
         engine = await asyncio.to_thread(self._load_engine)  # no kernel runs here: see _warm
+        self.metrics.watch_memory(engine)
         runner = EngineThread(engine, on_step=self.metrics.observe_step)
         runner.start()
         await asyncio.wrap_future(runner.call(lambda: _warm(engine)))

@@ -19,6 +19,7 @@ from tiny_models import write_tiny_model
 from nextword.kernels import inspect
 from nextword.kernels.model import Model
 from nextword.kernels.softmax import log_softmax
+from nextword.server import engine_thread
 from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
 from nextword.server.sampling import SamplingParams
@@ -167,6 +168,31 @@ def test_calls_interleave_with_a_running_generation(runner):
     assert done.wait(30) and len(steps) == 40
     first, last = steps[0][0], steps[-1][0]
     assert all(first < t < last for t in at[1:])  # the calls ran between the generation's steps
+
+
+def test_freed_memory_is_released_once_per_idle_period(tmp_path, monkeypatch):
+    released = []
+    monkeypatch.setattr(engine_thread, "release_freed_memory", lambda: released.append(time.perf_counter()))
+    write_tiny_model(tmp_path, "llama", seed=3)
+    thread = EngineThread(Engine.load(tmp_path, kv_cache_tokens=64, block_size=4))
+    thread.start()
+    try:
+        time.sleep(0.1)
+        assert released == []  # nothing was done yet
+        done = threading.Event()
+        params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+        thread.submit([5, 6, 7], params, lambda step: getattr(step, "finish", None) and done.set())
+        assert done.wait(30)
+        deadline = time.perf_counter() + 10
+        while not released and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert len(released) == 1  # once going idle, not again while idle
+        thread.call(lambda: None).result(10)
+        time.sleep(0.1)
+        assert len(released) == 2  # a call is work too
+    finally:
+        thread.stop()
 
 
 def test_cancelled_call_is_skipped_and_stop_fails_queued_calls(tmp_path):

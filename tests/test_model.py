@@ -6,6 +6,8 @@
 - float16 / bfloat16 / sharded checkpoints load to the values they store.
 """
 
+import mmap
+
 import numpy as np
 import pytest
 import reference as ref
@@ -123,3 +125,15 @@ def test_each_kernel_compiled_once():
     used = [k for k in kernels if k.signatures]
     assert len(used) >= 10
     assert {k.__name__: len(k.signatures) for k in used} == {k.__name__: 1 for k in used}
+
+
+def test_kv_cache_memory_is_resident_only_where_written(tiny):
+    _, model = tiny
+    cache = model.new_cache(num_blocks=4096, block_size=BLOCK)  # MiBs reserved per layer
+    assert cache.resident_bytes == 0
+    block_bytes = cache.k[0][0].nbytes
+    model.forward(cache, Batch.build([(PROMPTS[0][:BLOCK], 0, [3000], "last")], BLOCK))
+    written = 2 * len(cache.k) * block_bytes  # one block of k and v in every layer
+    pages = 2 * len(cache.k) * -(-block_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    assert written <= cache.resident_bytes <= 2 * pages  # one block's pages (two if it straddles a boundary)
+    assert cache.resident_bytes < 2 * len(cache.k) * cache.k[0].nbytes / 100

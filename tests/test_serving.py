@@ -3,6 +3,7 @@
 import asyncio
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from servers import running_server, wait_idle
@@ -164,3 +165,31 @@ def test_autocomplete_typist_session(smollm2_folder):
         assert superseded
         assert max(finished_at[r] - cancelled_at[r] for r in superseded) <= 1  # dropped at the next step
         assert wait_idle(srv) == 0
+
+
+def test_memory_metrics(tiny_folder):
+    """/metrics shows the resident memory next to what the model needs: weights and KV cache in memory."""
+
+    def scrape(port: int) -> dict[str, float]:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        return {k: float(v) for k, _, v in (line.partition(" ") for line in body.splitlines()) if k[0] != "#"}
+
+    with running_server(model=tiny_folder, kv_cache_tokens=16384) as srv:
+        engine = srv.runner.engine
+        before = scrape(srv.metrics_port)
+        with Client(f"127.0.0.1:{srv.port}") as c, ThreadPoolExecutor(8) as pool:
+            prompts = [f"{i} quick brown foxes" for i in range(8)]  # 8 sequences in their own cache blocks
+            list(
+                pool.map(
+                    lambda p: c.complete(p, max_new_tokens=100, temperature=0.0, ignore_eos=True), prompts
+                )
+            )
+        after = scrape(srv.metrics_port)
+    assert after["nextword_weights_bytes"] == engine.model.checkpoint.nbytes
+    kv_before, kv_after = (
+        before["nextword_kv_cache_resident_bytes"],
+        after["nextword_kv_cache_resident_bytes"],
+    )
+    assert kv_after >= kv_before + 8 * 100 * engine.cache.bytes_per_token / 2  # the positions written
+    assert kv_after < engine.cache.bytes_per_token * 16384 / 4  # reserved for 16384 positions, not resident
+    assert after["process_resident_memory_bytes"] > after["nextword_weights_bytes"] + kv_after

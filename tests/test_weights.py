@@ -1,6 +1,7 @@
 """Loading checkpoints: bad ones fail with a message naming what is wrong, good variants load."""
 
 import json
+import mmap
 
 import numpy as np
 import pytest
@@ -109,3 +110,30 @@ def test_rope_tables_are_exact():
     assert cos.shape == (5, 2)
     np.testing.assert_allclose(cos[3, 1], np.cos(3 * 10000.0 ** (-2 / 4)), rtol=1e-7)
     np.testing.assert_allclose(sin[4, 0], np.sin(4.0), rtol=1e-7)
+
+
+def owner(array: np.ndarray):
+    """The object that owns an array's memory (None: the array itself)."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array.base.obj if isinstance(array.base, memoryview) else array.base
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q4"])
+def test_float32_embedding_table_is_mapped_from_its_file(tmp_path, fmt):
+    write_tiny_model(tmp_path, "llama_tied")
+    ckpt = load_checkpoint(tmp_path, fmt)
+    stored = load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(ckpt.embed, stored)
+    assert isinstance(owner(ckpt.embed), mmap.mmap)  # a view of the file, not a copy
+    assert ckpt.embed.flags.c_contiguous and ckpt.embed.flags.writeable and ckpt.embed.flags.aligned
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_other_dtypes_are_widened_into_memory(tmp_path, dtype):
+    write_tiny_model(tmp_path / "f32", "llama", seed=4)
+    write_tiny_model(tmp_path / "narrow", "llama", seed=4, dtype=dtype)
+    wide, narrow = load_checkpoint(tmp_path / "f32"), load_checkpoint(tmp_path / "narrow")
+    assert not isinstance(owner(narrow.embed), mmap.mmap)
+    assert narrow.embed.dtype == np.float32 and narrow.embed.shape == wide.embed.shape
+    np.testing.assert_allclose(narrow.embed, wide.embed, rtol=1e-2, atol=1e-3)  # the same weights, rounded

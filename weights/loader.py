@@ -3,12 +3,14 @@
 All Hugging Face tensor naming lives in the two name tables below. Every tensor is checked for presence,
 shape and dtype against the config before anything runs, so a bad checkpoint fails here with the tensor and
 the file named, never deep inside a kernel. Weights are fused where the kernels want one matmul instead of
-several (q/k/v, gate/up), and kept C-contiguous float32.
+several (q/k/v, gate/up), and kept C-contiguous float32. The token embedding table is mapped from its file
+rather than copied: a step looks up a few of its rows, so the rest never takes memory.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,6 +149,7 @@ class TensorFiles:
             raise ModelError(f"{folder}: no *.safetensors files")
         self.where: dict[str, Path] = {}
         self.info: dict[str, tuple[str, tuple[int, ...]]] = {}  # name -> (dtype, shape)
+        self.mapped: dict[Path, mmap.mmap] = {}
         for path in files:
             try:
                 with safe_open(path, framework="numpy") as f:
@@ -181,13 +184,41 @@ class TensorFiles:
         with safe_open(path, framework="numpy") as f:
             return np.ascontiguousarray(f.get_tensor(name), dtype=np.float32)
 
+    def map(self, name: str) -> np.ndarray:
+        """The tensor mapped from its file instead of copied, when it is stored as aligned float32 (else as
+        `read` gives it). Its pages are read on first use and stay reclaimable page cache: a table used a few
+        rows at a time (token embeddings) keeps its untouched rows out of memory."""
+        path, (dtype, shape) = self.where[name], self.info[name]
+        start, end = data_span(path, name)
+        if dtype != "F32" or start % 4:
+            return self.read(name)
+        if path not in self.mapped:
+            with open(path, "rb") as f:  # private (copy-on-write) mapping: a writable array for the kernels
+                self.mapped[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return np.frombuffer(self.mapped[path], dtype="<f4", count=(end - start) // 4, offset=start).reshape(
+            shape
+        )
 
-def read_bf16(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    # bfloat16 is the top half of a float32: widen the raw bits (the header was validated by safe_open).
+    def drop_resident_pages(self) -> None:
+        """Forget the mapped pages read so far (quantizing a tied head reads the whole table): only what is
+        used from now on comes back, from the page cache. Nothing writes to mapped tensors, so nothing is lost."""
+        for mapping in self.mapped.values():
+            mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def data_span(path: Path, name: str) -> tuple[int, int]:
+    """Byte offsets [start, end) of a tensor's data in its safetensors file (the header was validated)."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         start, end = json.loads(f.read(header_len))[name]["data_offsets"]
-        f.seek(8 + header_len + start)
+    return 8 + header_len + start, 8 + header_len + end
+
+
+def read_bf16(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    # bfloat16 is the top half of a float32: widen the raw bits.
+    start, end = data_span(path, name)
+    with open(path, "rb") as f:
+        f.seek(start)
         bits = np.frombuffer(f.read(end - start), dtype="<u2")
     return (bits.astype(np.uint32) << 16).view(np.float32).reshape(shape)
 
@@ -201,11 +232,12 @@ def load_checkpoint(folder: str | Path, weights: str = "f32") -> Checkpoint:
     config = read_config(folder)
     files = TensorFiles(folder)
     try:
-        if config.family == "gpt2":
-            return _load_gpt2(config, files, weights)
-        return _load_llama(config, files, weights)
+        load = _load_gpt2 if config.family == "gpt2" else _load_llama
+        checkpoint = load(config, files, weights)
     except ModelError as e:
         raise ModelError(f"{folder}: {e}") from None
+    files.drop_resident_pages()
+    return checkpoint
 
 
 def _load_llama(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
@@ -227,7 +259,7 @@ def _load_llama(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
             down=t(p + "mlp.down_proj.weight"),
         )
 
-    embed = t("model.embed_tokens.weight")
+    embed = files.map("model.embed_tokens.weight")  # looked up by rows: mapped, not copied
     return Checkpoint(
         config=c,
         embed=embed,
@@ -268,7 +300,7 @@ def _load_gpt2(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
             proj_bias=t(p + "mlp.c_proj.bias"),
         )
 
-    embed = t("wte.weight")
+    embed = files.map(rename("wte.weight"))  # looked up by rows: mapped, not copied
     return Checkpoint(
         config=c,
         embed=embed,
