@@ -7,7 +7,6 @@ logits only for the rows asked for (usually each sequence's last new token).
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 from dataclasses import dataclass
 
@@ -68,29 +67,12 @@ class KVCache:
     def bytes_per_token(self) -> int:
         return 2 * len(self.k) * self.k[0][0, 0].nbytes
 
-    @property
-    def resident_bytes(self) -> int:
-        """Bytes of the cache actually in memory (the pages written so far), safe from any thread."""
-        return sum(resident_bytes(a) for a in self.k + self.v)
-
 
 def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
     """float32 zeros in fresh anonymous memory: a page becomes resident only once written, so a large cache
     costs only what is used. (np.zeros may instead reuse heap memory, which it must clear, i.e. touch.)"""
     nbytes = int(np.prod(shape)) * 4
     return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.float32, count=nbytes // 4).reshape(shape)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def resident_bytes(array: np.ndarray) -> int:
-    """Bytes of the pages of a page-aligned array (an mmap) that are in memory, as mincore(2) reports."""
-    pages = -(-array.nbytes // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * pages)()
-    if _libc.mincore(ctypes.c_void_p(array.ctypes.data), ctypes.c_size_t(pages * mmap.PAGESIZE), vec):
-        raise OSError(ctypes.get_errno(), "mincore failed")
-    return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * mmap.PAGESIZE
 
 
 class Model:

@@ -1,31 +1,46 @@
-"""Process memory policy (glibc malloc), so the server holds little beyond its weights and KV cache.
+"""Process memory: the malloc policy that keeps the server to little beyond its weights and KV cache, and
+how much of a lazily mapped array is resident.
 
 glibc keeps freed memory inside the process: in one arena per thread that ever allocated (the engine, gRPC
 and metrics threads: ~20 MiB here), and in freed blocks between the live ones. Measured with
-benchmarks/memory.py. Elsewhere than glibc both functions do nothing.
+benchmarks/memory.py. Without glibc the two malloc functions do nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
+
+import numpy as np
 
 M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
 
-try:
-    _libc = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _libc = None
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already uses
+_glibc = hasattr(_libc, "malloc_trim")
 
 
 def use_one_malloc_arena() -> None:
     """Let every thread allocate from the main arena. Call before threads start. The engine thread is the
     only heavy allocator (numpy buffers, once per step), so the lock this shares is seldom contended."""
-    if _libc is not None:
+    if _glibc:
         _libc.mallopt(M_ARENA_MAX, 1)
 
 
 def release_freed_memory() -> None:
     """Give freed heap memory back to the OS: the float32 copies of quantized weights after loading, the
     activations of a long prompt after serving it. Takes a few ms: call it when idle."""
-    if _libc is not None:
+    if _glibc:
         _libc.malloc_trim(0)
+
+
+def resident_bytes(arrays: list[np.ndarray]) -> int:
+    """Bytes of the pages of page-aligned arrays (mmaps, like the KV cache's) that are in memory, as mincore(2)
+    reports: the pages written so far. Safe from any thread."""
+    total = 0
+    for array in arrays:
+        pages = -(-array.nbytes // mmap.PAGESIZE)
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(ctypes.c_void_p(array.ctypes.data), ctypes.c_size_t(pages * mmap.PAGESIZE), vec):
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        total += int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * mmap.PAGESIZE
+    return total

@@ -11,6 +11,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from nextword.server.memory import resident_bytes
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -41,7 +43,7 @@ class Metrics:
     def watch_memory(self, engine) -> None:
         """Once the model is loaded."""
         self.weights_bytes.set(engine.model.checkpoint.nbytes)
-        self.kv_resident.set_function(lambda: engine.cache.resident_bytes)
+        self.kv_resident.set_function(lambda: resident_bytes(engine.cache.k + engine.cache.v))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics over HTTP on a daemon thread; returns the port."""

@@ -189,8 +189,10 @@ class TensorFiles:
         `read` gives it). Its pages are read on first use and stay reclaimable page cache: a table used a few
         rows at a time (token embeddings) keeps its untouched rows out of memory."""
         path, (dtype, shape) = self.where[name], self.info[name]
+        if dtype != "F32":
+            return self.read(name)
         start, end = data_span(path, name)
-        if dtype != "F32" or start % 4:
+        if start % 4:
             return self.read(name)
         if path not in self.mapped:
             with open(path, "rb") as f:  # private (copy-on-write) mapping: a writable array for the kernels
