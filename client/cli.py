@@ -9,6 +9,8 @@ import json
 import os
 import sys
 from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -17,19 +19,65 @@ from nextword.client.errors import NextwordError
 from nextword.client.types import Finish, GenerateEvent
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's help ends with its default (unless it says it already); epilogs keep their examples'
+    line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == []
+        if "default" in text or unset or action.default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class MissingExtra(Exception):
+    """A command needs an optional part of nextword that is not installed."""
+
+    def __init__(self, module: str | None, extra: str):
+        super().__init__(
+            f"this command needs the '{extra}' extra ({module!r} is not installed): "
+            f"pip install 'nextword[{extra}]'"
+        )
+
+
+UINT64_MAX = 2**64 - 1
+
+
+def uint64(text: str) -> int:
+    """A seed: an integer in [0, 2**64)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= UINT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64), got {value}")
+    return value
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """The sampling flags shared by every command that generates."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the CLI's default)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus: the likeliest tokens holding p (1 = off)"
+    )
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="0 = off")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="0 = off")
+    g.add_argument(
+        "--seed", type=uint64, default=None, help="sampling seed in [0, 2**64) (default: random, reported)"
+    )
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable; default: none)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence")
     g.add_argument("--top-n", type=int, default=5, help="alternatives shown per token with --show-probs")
     g.add_argument("--show-probs", action="store_true", help="print each token with its top alternatives")
@@ -61,44 +109,142 @@ def format_probs(token_text: str, prob: float, top: list[tuple[str, float]]) -> 
 # ---- client commands (they talk to a server) ----
 
 
-def add_client_commands(commands) -> None:
-    common = argparse.ArgumentParser(add_help=False)
+def add_connection_flags(common: argparse.ArgumentParser) -> None:
+    """How a client command reaches the server: address, deadline, TLS and token."""
     common.add_argument(
         "--target",
         default=os.environ.get("NEXTWORD_TARGET", DEFAULT_TARGET),
-        help="server address (default $NEXTWORD_TARGET or %(default)s)",
+        help="server address, HOST:PORT [$NEXTWORD_TARGET]",
     )
-    common.add_argument("--timeout", type=float, default=None, help="deadline of each call, in seconds")
+    common.add_argument(
+        "--timeout", type=float, default=None, help="deadline of each call, in seconds (default: none)"
+    )
     common.add_argument("--json", action="store_true", help="print one JSON object per event or response")
+    g = common.add_argument_group("security (docs/security.md)")
+    g.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        default=os.environ.get("NEXTWORD_TLS_CA"),
+        help="connect with TLS, trusting this CA (default: plaintext) [$NEXTWORD_TLS_CA]",
+    )
+    g.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        default=os.environ.get("NEXTWORD_TLS_CERT"),
+        help="this client's certificate, for a server requiring mutual TLS (default: none) "
+        "[$NEXTWORD_TLS_CERT]",
+    )
+    g.add_argument(
+        "--tls-key",
+        metavar="PEM",
+        default=os.environ.get("NEXTWORD_TLS_KEY"),
+        help="the private key of --tls-cert (default: none) [$NEXTWORD_TLS_KEY]",
+    )
+    g.add_argument(
+        "--token",
+        default=os.environ.get("NEXTWORD_TOKEN"),
+        help="bearer token for a server started with one (default: none; prefer $NEXTWORD_TOKEN or "
+        "--token-file: other users can see command lines) [$NEXTWORD_TOKEN]",
+    )
+    g.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=os.environ.get("NEXTWORD_TOKEN_FILE"),
+        help="read the bearer token from this file (default: none) [$NEXTWORD_TOKEN_FILE]",
+    )
 
-    p = commands.add_parser("complete", parents=[common], help="stream a completion from a server")
+
+def connection_kwargs(args: argparse.Namespace) -> dict:
+    """Client(...) keyword arguments for the connection flags."""
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ValueError(f"cannot read --token-file {args.token_file}: {e.strerror}") from None
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty")
+    return {
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "token": token or None,
+    }
+
+
+def examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join("  " + line for line in lines)
+
+
+def add_client_commands(commands) -> None:
+    common = Parser(add_help=False)
+    add_connection_flags(common)
+
+    p = commands.add_parser(
+        "complete",
+        parents=[common],
+        help="stream a completion from a server",
+        epilog=examples(
+            'nextword complete "The capital of France is" --max-new-tokens 12',
+            'nextword complete "What is the capital of France?" --chat --show-probs --top-n 3',
+            'nextword complete "Once upon a time" --temperature 0.8 --seed 7',
+        ),
+    )
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
     add_sampling_flags(p)
     p.set_defaults(run=run_complete)
 
-    p = commands.add_parser("chat", parents=[common], help="chat with the model on a server (reads stdin)")
-    p.add_argument("--system", help="a system message opening the conversation")
+    p = commands.add_parser(
+        "chat",
+        parents=[common],
+        help="chat with the model on a server (reads stdin)",
+        description="Each line you type is a user message; the answer streams back. " + CHAT_HELP,
+        epilog=examples(
+            "nextword chat", 'nextword chat --system "Answer in one sentence." --temperature 0.7'
+        ),
+    )
+    p.add_argument("--system", help="a system message opening the conversation (default: none)")
     add_sampling_flags(p)
     p.set_defaults(run=run_chat, max_new_tokens=256)
 
-    p = commands.add_parser("probs", parents=[common], help="the most likely next tokens after a prompt")
+    p = commands.add_parser(
+        "probs",
+        parents=[common],
+        help="the most likely next tokens after a prompt",
+        epilog=examples('nextword probs "The capital of France is" --top-n 5'),
+    )
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
-    p.add_argument("--top-n", type=int, default=10, help="how many tokens to list (default 10)")
+    p.add_argument("--top-n", type=int, default=10, help="how many tokens to list")
     p.set_defaults(run=run_probs)
 
-    p = commands.add_parser("tokenize", parents=[common], help="text to token ids, on a server")
+    p = commands.add_parser(
+        "tokenize",
+        parents=[common],
+        help="text to token ids, on a server",
+        epilog=examples('nextword tokenize "Hello world 2024"', 'nextword tokenize "Hi!" --chat --json'),
+    )
     p.add_argument("text")
     p.add_argument("--chat", action="store_true", help="tokenize the text as one user chat message")
     p.set_defaults(run=run_tokenize)
 
-    p = commands.add_parser("detokenize", parents=[common], help="token ids to text, on a server")
+    p = commands.add_parser(
+        "detokenize",
+        parents=[common],
+        help="token ids to text, on a server",
+        epilog=examples("nextword detokenize 19556 905"),
+    )
     p.add_argument("ids", type=int, nargs="+", metavar="ID")
-    p.add_argument("--skip-special-tokens", action="store_true")
+    p.add_argument("--skip-special-tokens", action="store_true", help="leave special tokens out of the text")
     p.set_defaults(run=run_detokenize)
 
-    p = commands.add_parser("info", parents=[common], help="the served model, its limits and defaults")
+    p = commands.add_parser(
+        "info",
+        parents=[common],
+        help="the served model, its limits and defaults",
+        epilog=examples("nextword info", "nextword info --json --target 10.0.0.5:50051 --tls-ca ca.pem"),
+    )
     p.set_defaults(run=run_info)
 
     add_inspect_commands(commands, common)
@@ -125,6 +271,11 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
         description="Load-test a server, closed loop (--concurrency) or open loop (--rate). Latencies are "
         "measured from each request's scheduled send time. Progress goes to stderr; the result table (or "
         "--json) to stdout. --timeout is the deadline of each request.",
+        epilog=examples(
+            "nextword load --concurrency 8 --num-requests 64",
+            "nextword load --rate 4 --duration 30 --json > result.json",
+            "nextword load --scenario typist --concurrency 4 --num-requests 20",
+        ),
     )
     g = p.add_argument_group("load")
     mode = g.add_mutually_exclusive_group()
@@ -181,12 +332,17 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
         help="every prompt starts with the same T tokens (exercises the prefix cache)",
     )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed, and the load's own randomness")
+    g.add_argument(
+        "--seed",
+        type=uint64,
+        default=None,
+        help="sampling seed, and the load's own randomness (default: random)",
+    )
     p.set_defaults(run=run_load)
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, timeout=args.timeout)
+    return Client(args.target, timeout=args.timeout, **connection_kwargs(args))
 
 
 def _prompt(args: argparse.Namespace, text: str):
@@ -231,13 +387,22 @@ def run_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = (
+    "Commands: /help shows them, /reset forgets the conversation, /exit (or Ctrl-D) quits; Ctrl-C stops "
+    "an answer. A line starting with // is sent as text starting with /."
+)
+
+
 def run_chat(args: argparse.Namespace) -> int:
     """A REPL: each stdin line is a user turn; /reset forgets the conversation, /exit or EOF quits."""
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
-    prompt = "> " if sys.stdin.isatty() and sys.stdout.isatty() and not args.json else ""
+    interactive = sys.stdin.isatty() and sys.stdout.isatty() and not args.json
+    prompt = "> " if interactive else ""
     failed = False
     with _client(args) as client:
+        if interactive:
+            print(f"[chat with {args.target}. {CHAT_HELP}]", file=sys.stderr, flush=True)
         while True:
             try:
                 line = input(prompt)
@@ -250,13 +415,22 @@ def run_chat(args: argparse.Namespace) -> int:
                 history = list(start)
                 print("[conversation cleared]", file=sys.stderr, flush=True)
                 continue
+            if command == "/help":
+                print(f"[{CHAT_HELP}]", file=sys.stderr, flush=True)
+                continue
+            if command.startswith("//"):
+                line = line.replace("//", "/", 1)
+            elif command.startswith("/"):
+                name = command.split()[0]
+                print(f"[unknown command {name}: not sent. {CHAT_HELP}]", file=sys.stderr, flush=True)
+                continue
             if not command:
                 continue
             messages = [*history, {"role": "user", "content": line}]
             try:
                 answer = print_stream(client.generate(messages, **sampling_kwargs(args)), args)
             except NextwordError as e:  # report it and stay in the conversation (the turn is dropped)
-                print_error(e)
+                print_error(e, args.target)
                 failed = True
                 continue
             except KeyboardInterrupt:  # Ctrl-C stops this answer (the RPC is cancelled), not the chat
@@ -318,10 +492,14 @@ def run_info(args: argparse.Namespace) -> int:
         "eos token ids": " ".join(map(str, info.eos_token_ids)),
         "special tokens": " ".join(f"{t.id}={t.text!r}" for t in info.special_tokens),
         "limits": " ".join(f"{k}={v}" for k, v in info.limits.to_dict().items()),
-        "defaults": " ".join(f"{k}={v}" for k, v in info.defaults.items()),
+        # The server's defaults apply to a field a request leaves unset (the Python client's None); the
+        # nextword commands always send their own flags' values, and they are greedy.
+        "server defaults": " ".join(f"{k}={v}" for k, v in info.defaults.items())
+        + "  (for fields a request leaves unset, e.g. from Python)",
+        "CLI defaults": "temperature=0 (greedy) max_new_tokens=64  (complete, chat: see --help)",
     }
     for name, value in rows.items():
-        print(f"{name + ':':<16}{value}")
+        print(f"{name + ':':<17}{value}")
     return 0
 
 
@@ -337,6 +515,10 @@ def add_inspect_commands(commands, common: argparse.ArgumentParser) -> None:
         "are compared by their input embeddings (the table row the model starts from, taken with a leading "
         "space, as a word inside a sentence); anything longer by its sentence embedding (the mean of the "
         "last hidden state over its tokens).",
+        epilog=examples(
+            "nextword similar cat dog car banana",
+            'nextword similar "I love this film" "What a great movie" "The invoice is overdue"',
+        ),
     )
     p.add_argument("items", nargs="*", metavar="ITEM", help="the query first, then the items to rank")
     p.add_argument("--file", help="more items, one per line (blank lines skipped)")
@@ -359,6 +541,7 @@ def add_inspect_commands(commands, common: argparse.ArgumentParser) -> None:
         "analogy",
         parents=[common],
         help="A is to B as C is to ?: the tokens whose input embeddings are nearest B - A + C",
+        epilog=examples("nextword analogy man king woman"),
     )
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
@@ -375,11 +558,15 @@ def add_inspect_commands(commands, common: argparse.ArgumentParser) -> None:
         "explain",
         parents=[common],
         help="how the model reads a prompt: its tokens, what a token attends to, what comes next",
+        epilog=examples(
+            'nextword explain "The cat sat on the"',
+            'nextword explain "The cat sat on the" --layer 3 --head 0 --png attention.png',
+        ),
     )
     p.add_argument("prompt")
     p.add_argument("--chat", action="store_true", help="send the prompt as one user chat message")
     p.add_argument(
-        "--token",
+        "--position",
         type=int,
         default=-1,
         help="index of the token to explain (negative: from the end; default -1)",
@@ -483,6 +670,10 @@ def run_analogy(args: argparse.Namespace) -> int:
 
 def run_explain(args: argparse.Namespace) -> int:
     if args.png:
+        folder = Path(args.png).parent
+        if not folder.is_dir():
+            print(f"error: --png {args.png}: the folder {folder} does not exist", file=sys.stderr)
+            return 2
         try:
             import matplotlib  # noqa: F401 (only checked here: fail before the work, not after)
         except ImportError:
@@ -491,10 +682,12 @@ def run_explain(args: argparse.Namespace) -> int:
     with _client(args) as client:
         att = client.attention(_prompt(args, args.prompt), layer=args.layer, head=args.head)
         T = len(att.token_ids)
-        if not -T <= args.token < T:
-            print(f"error: --token {args.token}: the prompt has {T} tokens (0..{T - 1})", file=sys.stderr)
+        if not -T <= args.position < T:
+            print(
+                f"error: --position {args.position}: the prompt has {T} tokens (0..{T - 1})", file=sys.stderr
+            )
             return 2
-        i = args.token % T
+        i = args.position % T
         dist = client.next_token_probabilities(list(att.token_ids[: i + 1]), top_n=args.top_n)
     heads = f"head {att.head}" if att.head is not None else f"the mean over the {att.num_heads} heads"
     layers = f"layer {att.layer}" if att.layer is not None else f"all {att.num_layers} layers"
@@ -575,6 +768,7 @@ def run_load(args: argparse.Namespace) -> int:
             keystroke_tokens=args.keystroke_tokens,
             channels=args.channels,
             timeout=args.timeout,
+            security=connection_kwargs(args),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -602,8 +796,25 @@ def run_load(args: argparse.Namespace) -> int:
     return 0 if summary["completed"] and summary["healthy_after"] is not False else 1
 
 
-def print_error(e: NextwordError) -> None:
-    print(f"error: {e.code_name}: {e.message}", file=sys.stderr, flush=True)
+def print_error(e: NextwordError, target: str | None = None) -> None:
+    """One line: the status code, the server's message, and a hint when the cause is recognisable."""
+    message, hint = e.message, ""
+    first = message.splitlines()[0] if message else ""
+    if e.code_name == "UNAVAILABLE" and "failed to connect" in message:
+        where = f" at {target}" if target else ""
+        if "Connection refused" in message or "Socket closed" in message or "Connection reset" in message:
+            first = f"no server{where} (connection refused)"
+        elif "ssl" in message.lower() or "handshake" in message.lower() or "certificate" in message.lower():
+            first = f"the TLS handshake{where} failed"
+            hint = " (check --tls-ca, and --tls-cert/--tls-key for a server requiring client certificates)"
+        else:
+            first = f"cannot reach a server{where}"
+        hint = hint or (
+            " (start one with `nextword serve`, or check --target / $NEXTWORD_TARGET; a TLS server needs --tls-ca)"
+        )
+    elif e.code_name == "UNAUTHENTICATED":
+        hint = " (give the server's token: --token-file, --token or $NEXTWORD_TOKEN)"
+    print(f"error: {e.code_name}: {first}{hint}", file=sys.stderr, flush=True)
 
 
 def _silence_stdout() -> None:
@@ -616,24 +827,43 @@ def _silence_stdout() -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nextword", description="A CPU language-model inference server.")
+def version() -> str:
+    try:
+        return metadata.version("nextword")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="nextword",
+        description="A CPU language-model inference server, and its client.",
+        epilog="`nextword COMMAND --help` shows a command's flags, defaults and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"nextword {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_client_commands(commands)
     from nextword.server import cli as server_cli
 
     server_cli.add_commands(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except NextwordError as e:
-        print_error(e)
+        print_error(e, getattr(args, "target", None))
         return 1
     except BrokenPipeError:
         _silence_stdout()
         return 1
     except KeyboardInterrupt:
         return 130
+    except (MissingExtra, ValueError, OSError) as e:  # causes we can name: one line, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ one in flight):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import operator
+import os
 import queue
 import threading
 import time
@@ -188,6 +190,71 @@ def channel_options(options) -> list[tuple[str, object]]:
     return list((DEFAULT_OPTIONS | dict(options or {})).items())
 
 
+def _read(path: str | os.PathLike | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def is_loopback_host(host: str) -> bool:
+    """Is `host` (a name or an IPv4/IPv6 address, brackets allowed) a loopback address?"""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_target(target: str) -> bool:
+    """Is `target` (host:port, [v6]:port, localhost:port, or unix:) on this machine?"""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
+    return is_loopback_host(host)
+
+
+def make_channel(
+    target: str,
+    *,
+    aio: bool,
+    options=None,
+    tls_ca: str | os.PathLike | None = None,
+    tls_cert: str | os.PathLike | None = None,
+    tls_key: str | os.PathLike | None = None,
+    tls: bool = False,
+    token: str | None = None,
+):
+    """The one place a channel is made: its options and credentials.
+
+    TLS when `tls` or any of `tls_ca` (the CA that signed the server's certificate; default: the system's
+    roots) / `tls_cert` + `tls_key` (this client's certificate, for servers that require one) is given.
+    `token` is sent as `authorization: Bearer <token>` on every call; gRPC sends call credentials only over
+    TLS or to a loopback address (local credentials), so a token to a remote plaintext server is refused
+    here rather than sent in clear.
+    """
+    grpc_mod = grpc.aio if aio else grpc
+    options = channel_options(options)
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs both tls_cert and tls_key")
+    if tls or tls_ca or tls_cert:
+        creds = grpc.ssl_channel_credentials(_read(tls_ca), _read(tls_key), _read(tls_cert))
+    elif token:
+        if not is_loopback_target(target):
+            raise ValueError(
+                f"refusing to send the token without TLS to {target}: give the server's CA (--tls-ca) "
+                "or use a loopback address"
+            )
+        creds = grpc.local_channel_credentials()
+    else:
+        return grpc_mod.insecure_channel(target, options=options)
+    if token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+    return grpc_mod.secure_channel(target, creds, options=options)
+
+
 # ---- the clients ----
 
 
@@ -205,12 +272,15 @@ class _ClientBase:
 class Client(_ClientBase):
     """A blocking client. `timeout` (seconds) is the default deadline of every call; None waits forever.
 
-    `options` are gRPC channel options (dict or pairs) added to DEFAULT_OPTIONS.
+    `options` are gRPC channel options (dict or pairs) added to DEFAULT_OPTIONS. `tls_ca`, `tls_cert`,
+    `tls_key`, `tls` and `token` secure the channel (see `make_channel`).
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, options=None):
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, options=None, **security
+    ):
         super().__init__(target, timeout)
-        self._channel = grpc.insecure_channel(target, options=channel_options(options))
+        self._channel = make_channel(target, aio=False, options=options, **security)
         self._stub = nextword_pb2_grpc.InferenceStub(self._channel)
         self._health = self._channel.unary_unary(
             HEALTH_CHECK, request_serializer=_health_request, response_deserializer=_health_status
@@ -406,9 +476,11 @@ class AsyncClient(_ClientBase):
     Create it inside a running event loop; use `async with AsyncClient(...) as c:` or `await c.close()`.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, options=None):
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, options=None, **security
+    ):
         super().__init__(target, timeout)
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(options))
+        self._channel = make_channel(target, aio=True, options=options, **security)
         self._stub = nextword_pb2_grpc.InferenceStub(self._channel)
         self._health = self._channel.unary_unary(
             HEALTH_CHECK, request_serializer=_health_request, response_deserializer=_health_status

@@ -109,6 +109,7 @@ class LoadConfig:
     timeout: float | None = None  # deadline of each request, in seconds
     text: str = FIXED_TEXT
     progress_interval: float = 1.0  # seconds between progress callbacks
+    security: dict = field(default_factory=dict, repr=False)  # tls_ca, tls_cert, tls_key, token: Client's
 
     def __post_init__(self):
         if self.concurrency is not None and self.rate is not None:
@@ -415,7 +416,9 @@ class _Runner:
 
     async def open(self) -> str:
         c = self.c
-        self.clients = [AsyncClient(c.target, options=CHANNEL_OPTIONS) for _ in range(c.num_channels)]
+        self.clients = [
+            AsyncClient(c.target, options=CHANNEL_OPTIONS, **c.security) for _ in range(c.num_channels)
+        ]
         first = self.clients[0]
         info = await first.model_info(timeout=30)
         needed = c.prompt_tokens[1] + (c.keystroke_tokens if c.scenario == "typist" else c.output_tokens[1])
@@ -527,6 +530,7 @@ class _Runner:
                         rec.first_event = rec.first_token = now
                     last = now
                     n += 1
+                    self.tokens += 1  # as they arrive: the progress line's tok/s is live
                     if n == cancel_after:
                         rec.cancelled = True
                         break
@@ -541,7 +545,6 @@ class _Runner:
             rec.end = time.perf_counter()
             rec.tokens = n
             rec.last_token = last if n else None
-            self.tokens += n
             self.inflight -= 1
             self.done += 1
 

@@ -128,7 +128,7 @@ class SamplingParams:
                 "logit_bias", bias, "[-100, 100]", lambda v: -100 <= v <= 100, what=f"logit_bias[{tok}]"
             )
         if self.seed is not None:
-            _check_int("seed", self.seed, lo=0, hi=2**63 - 1, rng="None or in [0, 2**63)")
+            _check_int("seed", self.seed, lo=0, hi=2**64 - 1, rng="None or in [0, 2**64)")
         if not isinstance(self.stop, tuple):
             raise InvalidParameter("stop", f"stop must be a sequence of strings, got {self.stop!r}")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -206,7 +206,7 @@ class Sampler:
         params.validate(vocab_size, max_top_n=vocab_size)
         self.params = params
         self.vocab_size = vocab_size
-        self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
+        self.seed: int = params.seed if params.seed is not None else secrets.randbits(64)
         self.rng = np.random.default_rng(self.seed)
 
         bias = dict(params.logit_bias)  # a repeated id: the last pair wins

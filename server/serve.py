@@ -9,19 +9,22 @@ period (then they are cancelled and the engine drops them), stop the engine thre
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from nextword.client.client import is_loopback_host
 from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
+from nextword.server.interceptors import AccessLog, TokenAuth
 from nextword.server.metrics import Metrics
 from nextword.server.sampling import SamplingParams
 from nextword.server.service import SERVICE_NAME, InferenceService
@@ -44,6 +47,47 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20
     grace_s: float = 10.0
     metrics_port: int | None = 9464  # Prometheus /metrics; None = off, 0 = any free port
+    metrics_host: str = "127.0.0.1"  # loopback whatever `host` is: metrics are not for the public
+    tls_cert: Path | None = None  # PEM certificate chain and key: serve TLS instead of plaintext
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
+    token: str | None = field(default=None, repr=False)  # every RPC but health needs it as a bearer token
+    reflection: bool = True  # gRPC server reflection (grpcurl and friends list the services)
+
+    def describe(self) -> str:
+        """The start-up configuration line (the token itself is never printed)."""
+        shown = {k: v for k, v in vars(self).items() if k != "token"}
+        shown["token"] = "set" if self.token else "none"
+        return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+    @property
+    def exposed_in_clear(self) -> bool:
+        """Listening beyond this machine without both TLS and a token."""
+        return not is_loopback_host(self.host) and not (self.tls_cert and self.token)
+
+
+class StartupError(Exception):
+    """A cause the server can name, and the flag to change: printed as one line, no traceback."""
+
+
+def _read_pem(path: Path, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise StartupError(f"cannot read {flag} {path}: {e.strerror}") from e
+
+
+def _server_credentials(c: ServerConfig) -> grpc.ServerCredentials | None:
+    if not (c.tls_cert or c.tls_key or c.tls_client_ca):
+        return None
+    if not (c.tls_cert and c.tls_key):
+        raise StartupError("TLS needs both --tls-cert and --tls-key")
+    ca = _read_pem(c.tls_client_ca, "--tls-client-ca") if c.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read_pem(c.tls_key, "--tls-key"), _read_pem(c.tls_cert, "--tls-cert"))],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 class NextwordServer:
@@ -62,29 +106,53 @@ class NextwordServer:
     async def start(self) -> int:
         """Bind and start answering (NOT_SERVING); the model loads in the background. Returns the port."""
         c = self.config
+        interceptors = [AccessLog()] + ([TokenAuth(c.token)] if c.token else [])
+        credentials = _server_credentials(c)
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", c.max_request_bytes),
                 ("grpc.max_send_message_length", 64 << 20),
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-            ]
+            ],
         )
         nextword_pb2_grpc.add_InferenceServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        names = (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(names, self._server)
+        if c.reflection:
+            names = (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            )
+            reflection.enable_server_reflection(names, self._server)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(f"{c.host}:{c.port}")
+        address = f"{c.host}:{c.port}"
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
+        except RuntimeError as e:  # grpcio: "Failed to bind to address ..."
+            self.port = 0
+            cause = e
+        else:
+            cause = None
         if not self.port:
-            raise OSError(f"cannot listen on {c.host}:{c.port}")
+            raise StartupError(
+                f"cannot listen on {address} (in use by another process, or not an address of this machine):"
+                " choose another --port (0 = any free port) or --host"
+            ) from cause
+        if c.metrics_port is not None:  # before start(): a failure here leaves nothing running
+            try:
+                self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
+            except OSError as e:
+                reason = "in use" if e.errno == errno.EADDRINUSE else e.strerror
+                raise StartupError(
+                    f"cannot serve metrics on {c.metrics_host}:{c.metrics_port} ({reason}): choose another "
+                    "--metrics-port (0 = any free port, -1 = no metrics) or --metrics-host"
+                ) from e
         await self._server.start()
-        if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
         self.loading = asyncio.create_task(self._load())
         return self.port
 
@@ -152,11 +220,26 @@ async def serve(config: ServerConfig) -> int:
     server = NextwordServer(config)
     await server.start()
     metrics = (
-        f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+        f", metrics on http://{config.metrics_host}:{server.metrics_port}/metrics"
+        if server.metrics_port
+        else ""
     )
     print(
-        f"nextword: listening on {config.host}:{server.port}{metrics}, loading {config.model} ...", flush=True
+        f"nextword: listening on {config.host}:{server.port}{' with TLS' if config.tls_cert else ''}{metrics}, "
+        f"loading {config.model} ...",
+        flush=True,
     )
+    if config.exposed_in_clear:
+        missing = " and ".join(
+            m for m, given in (("TLS", config.tls_cert), ("a token", config.token)) if not given
+        )
+        print(
+            f"nextword: warning: listening on {config.host}, reachable from other machines, without {missing}:"
+            " anyone who reaches the port can use the model and read what others send. Add --tls-cert/--tls-key"
+            " and --token-file (docs/security.md)",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,7 +247,12 @@ async def serve(config: ServerConfig) -> int:
     waiting = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiting, server.loading}, return_when="FIRST_COMPLETED")
     if server.loading.done() and server.loading.exception():
-        print(f"nextword: failed to load the model: {server.loading.exception()}", file=sys.stderr)
+        error = server.loading.exception()
+        log.debug("model load failed", exc_info=error)
+        print(
+            f"nextword: error: cannot load the model from {config.model}: {error} (check --model)",
+            file=sys.stderr,
+        )
         await server.stop(0)
         return 1
     await waiting

@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 from nextword.kernels import inspect as inspection
 from nextword.server.engine import Distribution, QueueFull, Step
 from nextword.server.engine_thread import EngineThread
+from nextword.server.interceptors import note
 from nextword.server.metrics import Metrics
 from nextword.server.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, InvalidParameter, SamplingParams
 from nextword.v1 import nextword_pb2 as pb
@@ -216,7 +217,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             results = [await self._inspect(inspection.embed, engine.model, ids, layer) for ids in token_ids]
         except RequestError as e:
             await self._abort(context, e)
-        log.info("embed: %d texts, %d tokens, %.0f ms", len(token_ids), total, _ms_since(started))
+        note(detail=f"{len(token_ids)} texts, {total} tokens, {_ms_since(started):.0f} ms")
         texts = [
             pb.TextEmbedding(
                 token_ids=ids,
@@ -286,9 +287,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             weights = await self._inspect(inspection.attention, engine.model, ids, layer, head)
         except RequestError as e:
             await self._abort(context, e)
-        log.info(
-            "attention: %d tokens, layer %s, head %s, %.0f ms", len(ids), layer, head, _ms_since(started)
-        )
+        note(detail=f"{len(ids)} tokens, layer {layer}, head {head}, {_ms_since(started):.0f} ms")
         return pb.AttentionResponse(
             token_ids=ids,
             tokens=[engine.tokenizer.token_text(t) for t in ids],
@@ -327,6 +326,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         on the event loop."""
         self._engine()  # UNAVAILABLE while loading or draining
         gen = _Generation(self, request)
+        note(request_id=gen.request_id)
         prompt = self._prompt(request.prompt)
         params = self._sampling(request)
         gen.seq = self._submit(prompt, params, lambda out: deliver(gen, out), request_id=gen.request_id)
@@ -433,7 +433,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                 raise invalid(f"{field}.messages[{i}].role", f"message {i} has no role")
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
         try:
-            return tok.encode_chat(messages)
+            return tok.encode_chat(messages, special_tokens_in_content=chat.special_tokens_in_content)
         except ValueError as e:  # the template refused the conversation (raise_exception in the template)
             raise invalid(field, f"the chat template failed: {e}") from None
 
@@ -526,7 +526,7 @@ class _Generation:
         if step.finish:
             event.finish.CopyFrom(self.service._finish(step, (now - self.arrived) * 1000))
             self.service.metrics.observe_finish(step.finish)
-            _log_request(self.request_id, step)
+            note(request_id=self.request_id, detail=_request_summary(step))
         return event
 
     def continues_into(self, request) -> bool:
@@ -564,7 +564,7 @@ class _Generation:
         if self.seq is not None and not self.seq.finished:  # cancelled, past its deadline, or disconnected
             self.service.runner.cancel(self.seq)
             self.service.metrics.observe_error("CANCELLED")
-            log.info("request %s: cancelled by the client after %d tokens", self.request_id, self.index)
+            note(detail=f"cancelled by the client after {self.index} tokens")
 
 
 def _request_key(request) -> bytes:
@@ -596,15 +596,11 @@ def _ms_since(start: float) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def _log_request(request_id: str, step: Step) -> None:
+def _request_summary(step: Step) -> str:
+    """What the access-log line of a generation says about it."""
     f = step.finish
     rate = 1 / f.mean_itl_s if f.mean_itl_s else 0.0
-    log.info(
-        "request %s: %d prompt + %d generated tokens, finish=%s, ttft=%.0f ms, %.1f tokens/s",
-        request_id,
-        f.prompt_tokens,
-        f.generated_tokens,
-        f.reason,
-        f.ttft_s * 1000,
-        rate,
+    return (
+        f"{f.prompt_tokens} prompt + {f.generated_tokens} generated tokens, finish={f.reason}, "
+        f"ttft={f.ttft_s * 1000:.0f} ms, {rate:.1f} tokens/s"
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from pathlib import Path
 
 import jinja2.sandbox
@@ -20,6 +22,8 @@ class Tokenizer:
         if not path.is_file():
             raise ModelError(f"{folder}: no tokenizer.json")
         self._tok = HFTokenizer.from_file(str(path))
+        self._text_tok = HFTokenizer.from_file(str(path))  # special-token strings stay text
+        self._text_tok.encode_special_tokens = True
         self._token_texts: dict[int, str] = {}
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -30,7 +34,11 @@ class Tokenizer:
         self.bos_token = _token_text(cfg.get("bos_token"))
         self.eos_token = _token_text(cfg.get("eos_token"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+        specials = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self.special_ids = frozenset(specials)
+        self._special_by_text = {text: i for i, text in specials.items()}
+        longest_first = sorted(self._special_by_text, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, longest_first))) if specials else None
         eos = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_token_ids = frozenset() if eos is None else frozenset({eos})
 
@@ -65,11 +73,54 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ValueError(str(e)) from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        # The template writes the special tokens itself, so none are added (transformers does the same).
-        return self.encode(
-            self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
+    def encode_chat(
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        special_tokens_in_content: bool = False,
+    ) -> list[int]:
+        """Token ids of a conversation. The template writes the special tokens itself, so none are added
+        (transformers does the same). Message contents are text: a special token's string inside one stays
+        text, unless `special_tokens_in_content` (transformers' behaviour: parsed like the template's)."""
+        rendered = self.apply_chat_template(messages, add_generation_prompt)
+        if special_tokens_in_content or self._special_re is None:
+            return self.encode(rendered, add_special_tokens=False)
+        # Render again with a marker for each content, to know which characters the template wrote.
+        nonce = secrets.token_hex(8)
+        marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]
+        pieces = re.split(
+            f"\ue000{nonce}:(\\d+)\ue001", self.apply_chat_template(marked, add_generation_prompt)
         )
+        # pieces: template text, content index, template text, ...
+        contents = [messages[int(i)]["content"] for i in pieces[1::2]]
+        if "".join(p if k % 2 == 0 else contents[k // 2] for k, p in enumerate(pieces)) != rendered:
+            # The template transforms contents (strip, escape...): we cannot tell its text from theirs.
+            if any(self._special_re.search(str(c)) for c in contents):
+                raise ValueError(
+                    "a message contains a special token's text, which this template cannot keep apart"
+                )
+            return self.encode(rendered, add_special_tokens=False)
+        # Split at the template's own special tokens only; each run between them (template text and the
+        # contents inside it) is encoded whole with special-token strings as text, which gives the ids of
+        # encoding everything at once whenever no content holds a special token's text.
+        ids: list[int] = []
+        run: list[str] = []
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                run.append(contents[k // 2])
+                continue
+            at = 0
+            for match in self._special_re.finditer(piece):
+                run.append(piece[at : match.start()])
+                ids += self._encode_text(run)
+                ids.append(self._special_by_text[match.group()])
+                run, at = [], match.end()
+            run.append(piece[at:])
+        return ids + self._encode_text(run)
+
+    def _encode_text(self, parts: list[str]) -> list[int]:
+        text = "".join(parts)
+        return self._text_tok.encode(text, add_special_tokens=False).ids if text else []
 
 
 def _token_text(value) -> str | None:

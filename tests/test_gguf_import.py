@@ -337,7 +337,10 @@ def test_ensure_imports_once(offline, tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         f.name for f in dest.iterdir()
     }
-    assert any(line.startswith("importing tensors") for line in lines) and lines[-1].startswith("ready: ")
+    assert any(line.startswith("importing tensors") for line in lines) and lines[-1].startswith(
+        "imported the default model into "
+    )
+    assert not any(line.startswith(("ready", "nextword: serving")) for line in lines)  # not the server's line
     mtime = (dest / "model.safetensors").stat().st_mtime_ns
 
     def must_not_run(*a, **k):

@@ -249,9 +249,9 @@ def test_explain_command(capsys, smollm2_server, tmp_path):
     assert "token 7 ·river attends most to (head 0, layer 12):" in out
     assert "next token after ·river:" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, out, _ = run_cli(capsys, smollm2_server, "explain", BANK, "--token", "4", "--json")
+    code, out, _ = run_cli(capsys, smollm2_server, "explain", BANK, "--position", "4", "--json")
     assert code == 0 and '"token": 4' in out
-    code, _, err = run_cli(capsys, smollm2_server, "explain", BANK, "--token", "8")
+    code, _, err = run_cli(capsys, smollm2_server, "explain", BANK, "--position", "8")
     assert code == 2 and "0..7" in err
 
 

@@ -298,7 +298,7 @@ def test_same_seed_same_tokens_different_seed_different():
 
 def test_random_seed_is_reported_and_reproduces():
     s = Sampler(SamplingParams(), V, [])
-    assert isinstance(s.seed, int) and 0 <= s.seed < 2**63
+    assert isinstance(s.seed, int) and 0 <= s.seed < 2**64
     a = [s.sample(LOGITS).token_id for _ in range(30)]
     s2 = Sampler(SamplingParams(seed=s.seed), V, [])
     assert [s2.sample(LOGITS).token_id for _ in range(30)] == a
@@ -428,7 +428,7 @@ BAD = [
     ("logit_bias", ((0, float("nan")),)),
     ("logit_bias", ((0,),)),
     ("seed", -1),
-    ("seed", 2**63),
+    ("seed", 2**64),
     ("stop", ("",)),
     ("stop", ("x" * 257,)),
     ("stop", ("x",) * 17),
@@ -469,7 +469,8 @@ GOOD_EDGES = [
     {"presence_penalty": -2.0, "frequency_penalty": 2.0},
     {"logit_bias": ((0, -100.0), (4, 100.0))},
     {"seed": 0},
-    {"seed": 2**63 - 1},
+    {"seed": 2**63},
+    {"seed": 2**64 - 1},
     {"stop": ("x" * 256,) * 16, "stop_token_ids": (0, 4)},
     {"top_n": 20},
 ]

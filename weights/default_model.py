@@ -75,7 +75,7 @@ def ensure_default_model(
         finally:
             shutil.rmtree(work, ignore_errors=True)
     size = sum(f.stat().st_size for f in dest.iterdir() if f.is_file())
-    say(f"ready: {dest} ({size / 2**20:.0f} MiB)")
+    say(f"imported the default model into {dest} ({size / 2**20:.0f} MiB)")
     return dest
 
 
