@@ -12,6 +12,12 @@ from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
+# gRPC's C core writes its own log lines to stderr (a second, cryptic line for a port in use, a TLS handshake
+# failure, ...), which our one-line errors already explain. It reads this variable once, when grpc is first
+# imported: quiet unless the user set it or runs `serve --log-level debug`.
+if "GRPC_VERBOSITY" not in os.environ and "debug" not in " ".join(sys.argv).lower():
+    os.environ["GRPC_VERBOSITY"] = "NONE"
+
 import numpy as np
 
 from nextword.client.client import DEFAULT_TARGET, Client
@@ -285,7 +291,9 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
         help="closed loop: N workers, each sends when its previous request ended (default 1)",
     )
     mode.add_argument(
-        "--rate", type=float, help="open loop: Poisson arrivals at R requests/s, sent on schedule"
+        "--rate",
+        type=float,
+        help="open loop: Poisson arrivals at R requests/s, sent on schedule (default: closed loop)",
     )
     g.add_argument(
         "--max-inflight",
@@ -294,12 +302,21 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
         help="open loop: requests in flight at most; an arrival beyond waits, counted (default 256)",
     )
     g.add_argument("--num-requests", type=int, help="measured requests (default 100 unless --duration)")
-    g.add_argument("--duration", type=float, help="seconds of sending (in-flight requests then finish)")
+    g.add_argument(
+        "--duration",
+        type=float,
+        help="seconds of sending, in-flight requests then finish (default: no limit)",
+    )
     g.add_argument("--warmup", type=int, default=0, help="requests sent first and not counted (default 0)")
     g.add_argument(
         "--channels", type=int, help="gRPC channels (connections), round-robin (default min(concurrency, 8))"
     )
-    g.add_argument("--scenario", choices=("plain", "cancel-storm", "typist"), default="plain")
+    g.add_argument(
+        "--scenario",
+        choices=("plain", "cancel-storm", "typist"),
+        default="plain",
+        help="plain requests, a storm of cancelled ones, or editor users typing (one Session each)",
+    )
     g.add_argument(
         "--cancel-fraction",
         type=float,
@@ -320,10 +337,14 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("requests")
     prompt = g.add_mutually_exclusive_group()
     prompt.add_argument("--prompt-tokens", type=int, metavar="L", help="prompt length in tokens (default 32)")
-    prompt.add_argument("--prompt-tokens-range", type=token_range, metavar="A:B", help="uniform in [A, B]")
+    prompt.add_argument(
+        "--prompt-tokens-range", type=token_range, metavar="A:B", help="uniform in [A, B] (default: fixed)"
+    )
     output = g.add_mutually_exclusive_group()
     output.add_argument("--output-tokens", type=int, metavar="M", help="tokens generated (default 32)")
-    output.add_argument("--output-tokens-range", type=token_range, metavar="A:B", help="uniform in [A, B]")
+    output.add_argument(
+        "--output-tokens-range", type=token_range, metavar="A:B", help="uniform in [A, B] (default: fixed)"
+    )
     g.add_argument(
         "--shared-prefix",
         type=int,
@@ -521,7 +542,7 @@ def add_inspect_commands(commands, common: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument("items", nargs="*", metavar="ITEM", help="the query first, then the items to rank")
-    p.add_argument("--file", help="more items, one per line (blank lines skipped)")
+    p.add_argument("--file", help="more items, one per line (blank lines skipped; default: none)")
     p.add_argument(
         "--by",
         choices=("auto", "words", "sentences"),
@@ -533,7 +554,7 @@ def add_inspect_commands(commands, common: argparse.ArgumentParser) -> None:
         "--layer",
         type=int,
         help="instead: the mean over each item's tokens of the hidden state after this layer (0 = the "
-        "input embeddings)",
+        "input embeddings; default: see --by)",
     )
     p.set_defaults(run=run_similar)
 
@@ -577,7 +598,9 @@ def add_inspect_commands(commands, common: argparse.ArgumentParser) -> None:
     p.add_argument("--head", type=int, help="one query head, 0..H-1 (default: the mean over the heads)")
     p.add_argument("--top-n", type=int, default=5, help="tokens listed per table (default 5)")
     p.add_argument(
-        "--png", metavar="FILE", help="also draw the attention matrix into this PNG (needs nextword[viz])"
+        "--png",
+        metavar="FILE",
+        help="also draw the attention matrix into this PNG (needs nextword[viz]; default: no picture)",
     )
     p.set_defaults(run=run_explain)
 

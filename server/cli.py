@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from nextword.client.cli import MissingExtra, add_sampling_flags, format_probs, sampling_kwargs
+from nextword.client.cli import MissingExtra, add_sampling_flags, examples, format_probs, sampling_kwargs
 
 
 def add_commands(commands) -> None:
@@ -17,7 +17,7 @@ def add_commands(commands) -> None:
     p = commands.add_parser(
         "pull",
         help="fetch the default model into the cache and import it",
-        epilog="example:\n  nextword pull    # prints the model folder",
+        epilog=examples("nextword pull    # prints the model folder"),
     )
     p.add_argument("--home", help="cache folder (default: $NEXTWORD_HOME or ~/.cache/nextword)")
     p.set_defaults(run=run_pull)
@@ -25,8 +25,10 @@ def add_commands(commands) -> None:
     p = commands.add_parser(
         "generate",
         help="generate text in-process (no server)",
-        epilog='examples:\n  nextword generate "The capital of France is" --max-new-tokens 8\n'
-        '  nextword generate "Name a colour." --chat --weights f32 --show-probs',
+        epilog=examples(
+            'nextword generate "The capital of France is" --max-new-tokens 8',
+            'nextword generate "Name a colour." --chat --weights f32 --show-probs',
+        ),
     )
     p.add_argument("prompt")
     p.add_argument(
@@ -101,14 +103,22 @@ def add_serve_command(commands) -> None:
     def secure(name, **kwargs):
         env_argument(g, name, None, variables=variables, **kwargs)
 
-    secure("--tls-cert", metavar="PEM", help="serve TLS with this certificate chain (with --tls-key)")
-    secure("--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    secure("--tls-client-ca", metavar="PEM", help="mutual TLS: require client certificates signed by this CA")
+    secure(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve TLS with this certificate chain, with --tls-key (default: plaintext)",
+    )
+    secure("--tls-key", metavar="PEM", help="the private key of --tls-cert (default: none)")
+    secure(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="mutual TLS: require client certificates signed by this CA (default: none required)",
+    )
     secure(
         "--token-file",
         metavar="FILE",
         help="require this file's token as 'authorization: Bearer <token>' on every RPC but health "
-        "(or set $NEXTWORD_TOKEN to the token itself)",
+        "(or set $NEXTWORD_TOKEN to the token itself; default: no token)",
     )
     g.add_argument(
         "--no-reflection",
