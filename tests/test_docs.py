@@ -1,41 +1,32 @@
-"""docs/how-it-works.md works as written: every `$ ...` line of its ```console blocks runs and exits 0.
-
-`nextword ...` runs as `python -m nextword.client.cli ...` against a real server (the default model and
-weights, in-process, NEXTWORD_TARGET set to it); `python PATH ...` runs the repository's script. Both run in a
-scratch folder with NEXTWORD_HOME pointing into it, so files the commands write land there. A console line of
-any other kind fails the test: nothing on the page goes unchecked. The page's links must resolve too.
+"""The docs are true: every `$ command` shown in README.md and docs/ (docs/regenerate.py's DOCS) prints what
+is shown under it, timings, rates, random seeds and ports aside. The commands run against the docs server
+(`nextword serve --weights f32`, a subprocess) exactly as docs/regenerate.py runs them; when one fails here,
+`.venv/bin/python docs/regenerate.py` rewrites the stale outputs (then read the diff).
 """
 
 import importlib.util
-import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).parent.parent
-DOC = ROOT / "docs" / "how-it-works.md"
+_spec = importlib.util.spec_from_file_location("regenerate", ROOT / "docs" / "regenerate.py")
+regenerate = sys.modules["regenerate"] = importlib.util.module_from_spec(_spec)  # dataclasses need it there
+_spec.loader.exec_module(regenerate)
+
+SHOWN = [
+    shown
+    for doc in regenerate.DOCS
+    for shown in regenerate.shown_commands(doc, (ROOT / doc).read_text(encoding="utf-8"))
+]
+HOW_IT_WORKS = [s.command for s in SHOWN if s.doc == "docs/how-it-works.md"]
 
 
-def console_commands(markdown: str) -> list[str]:
-    """The `$ ` lines of the ```console blocks, without the prompt."""
-    commands, fence = [], None  # fence: the info string of the open block, None outside blocks
-    for line in markdown.splitlines():
-        if line.startswith("```"):
-            fence = line[3:].strip() if fence is None else None
-        elif fence == "console" and line.startswith("$ "):
-            commands.append(line[2:])
-    return commands
-
-
-COMMANDS = console_commands(DOC.read_text(encoding="utf-8"))
-
-
-def test_the_page_shows_every_step():
-    programs = [shlex.split(c)[:2] for c in COMMANDS]
+def test_how_it_works_shows_every_step():
+    programs = [shlex.split(c)[:2] for c in HOW_IT_WORKS]
     assert {p[0] for p in programs} <= {"nextword", "python"}, "a console command the test cannot run"
     shown = {p[1] for p in programs}
     for command in [
@@ -48,40 +39,55 @@ def test_the_page_shows_every_step():
         "examples/pixels/train.py",
     ]:
         assert command in shown
-    assert any("--show-probs" in c for c in COMMANDS) and any("--png" in c for c in COMMANDS)
+    assert any("--show-probs" in c for c in HOW_IT_WORKS) and any("--png" in c for c in HOW_IT_WORKS)
 
 
-def test_links_resolve():
-    text = DOC.read_text(encoding="utf-8")
-    targets = [t for t in re.findall(r"\]\(([^)\s#]+)", text) if "://" not in t]
-    assert len(targets) >= 15
-    missing = [t for t in targets if not (DOC.parent / t).exists()]
+@pytest.mark.parametrize("doc", regenerate.DOCS)
+def test_links_resolve(doc):
+    path = ROOT / doc
+    targets = [t for t in re.findall(r"\]\(([^)\s#]+)", path.read_text(encoding="utf-8")) if "://" not in t]
+    missing = [t for t in targets if not (path.parent / t).exists()]
     assert not missing
 
 
+def test_every_shown_command_shows_output():
+    empty = [s.id for s in SHOWN if not any(line.strip() for line in s.output)]
+    assert not empty, "run docs/regenerate.py"
+
+
+def test_matching_masks_only_what_varies():
+    shown = ["[length; 5 prompt + 12 generated tokens; first token 22 ms; 201.0 tokens/s; seed 61991]"]
+    same = ["[length; 5 prompt + 12 generated tokens; first token 3585 ms; 0.4 tokens/s; seed 12040]"]
+    other = ["[length; 5 prompt + 11 generated tokens; first token 22 ms; 201.0 tokens/s; seed 61991]"]
+    assert regenerate.matches(shown, same) and not regenerate.matches(shown, other)
+    assert regenerate.matches(["a", "...", "c", "...", "e"], ["a", "b", "c", "d", "e"])
+    assert not regenerate.matches(["a", "...", "x", "...", "e"], ["a", "b", "c", "d", "e"])
+    assert not regenerate.matches(["a", "...", "d"], ["a", "b", "c", "d", "e"])  # the last run ends it
+    assert regenerate.matches(["   1   0.583  'cat'", ""], ["   1   0.583  'cat'"])
+    assert not regenerate.matches(["   1   0.583  'cat'"], ["   1   0.584  'cat'"])
+
+
+@pytest.fixture(scope="module")
+def docs_server():
+    server = regenerate.DocsServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.mark.real_model
-@pytest.mark.parametrize(
-    "command", COMMANDS, ids=[f"{i}-{' '.join(shlex.split(c)[:2])}" for i, c in enumerate(COMMANDS)]
-)
-def test_command_runs(command, smollm2_server, tmp_path):
-    argv = shlex.split(command)
-    if argv[0] == "nextword":
-        run = [sys.executable, "-m", "nextword.client.cli", *argv[1:]]
-    elif argv[0] == "python":
-        script = ROOT / argv[1]
-        assert script.is_file(), f"{argv[1]} is not in the repository"
-        run = [sys.executable, str(script), *argv[2:]]
-    else:
-        pytest.fail(f"no way to run {command!r}")
-    if "--png" in argv and importlib.util.find_spec("matplotlib") is None:
+@pytest.mark.parametrize("shown", SHOWN, ids=[s.id for s in SHOWN])
+def test_shown_output_is_what_the_command_prints(shown, docs_server, tmp_path):
+    if "--png" in shown.command and importlib.util.find_spec("matplotlib") is None:
         pytest.skip("--png needs matplotlib, which is not installed (pip install 'nextword[viz]')")
-    env = {
-        **os.environ,
-        "NEXTWORD_TARGET": f"127.0.0.1:{smollm2_server.port}",
-        "NEXTWORD_HOME": str(tmp_path),
-    }
-    done = subprocess.run(
-        run, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    actual, code = regenerate.run(shown.command, docs_server, tmp_path)
+    assert code == 0 or any(line.startswith("error:") for line in actual), f"exit {code}:\n" + "\n".join(
+        actual
     )
-    assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
-    assert done.stdout.strip()
+    assert regenerate.matches(shown.output, actual), (
+        f"{shown.doc}: `{shown.command}` printed\n"
+        + "\n".join(actual)
+        + "\n\nbut the doc shows\n"
+        + "\n".join(shown.output)
+    )

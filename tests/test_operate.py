@@ -325,3 +325,17 @@ def test_load_progress_counts_tokens_while_they_stream(server, monkeypatch):
     assert result.to_dict()["completed"] == 1
     streaming = [p for p in snapshots if p.phase == "run" and p.done == 0 and p.inflight == 1]
     assert streaming and streaming[-1].tokens_per_s > 0
+
+
+def test_pixels_example_outside_the_venv_says_how_to_run_it():
+    """`python examples/pixels/train.py` with a Python lacking numpy/numba (here: the venv's, without its
+    site-packages): one line saying to use the venv, no traceback."""
+    done = subprocess.run(
+        [sys.executable, "-S", str(ROOT / "examples" / "pixels" / "train.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    line = one_line_error(done)
+    assert "make install" in line and ".venv/bin/python examples/pixels/train.py" in line

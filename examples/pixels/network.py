@@ -28,11 +28,17 @@ import itertools
 import json
 from pathlib import Path
 
-import numpy as np
-from numba import njit
-from safetensors.numpy import save_file
+try:
+    import numpy as np
+    from numba import njit
+    from safetensors.numpy import save_file
 
-from nextword.weights.tensors import load_tensors
+    from nextword.weights.tensors import load_tensors
+except ModuleNotFoundError as e:  # run with a Python that lacks nextword's server install
+    raise SystemExit(
+        f"examples/pixels needs {e.name}, which this Python ({__import__('sys').executable}) does not have: "
+        "run it with the project's venv, `make install` then `.venv/bin/python examples/pixels/train.py`"
+    ) from None
 
 FASTMATH = {"reassoc", "contract", "arcp"}  # vectorised reductions, no no-NaN/no-inf assumptions
 
