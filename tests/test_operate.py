@@ -103,9 +103,17 @@ def test_metrics_port_taken_is_one_line_naming_metrics_port(tiny):
         assert str(port) in line and "--metrics-port" in line and "in use" in line
 
 
-def test_bad_model_path_is_one_line_naming_model(tmp_path):
+def test_bad_model_path_is_one_line_naming_model(tmp_path, tiny):
     line = one_line_error(nextword("serve", "--model", str(tmp_path / "nope"), "--port", "0"))
     assert "--model" in line and "nope" in line
+    broken = tmp_path / "broken"  # a config.json but no weights: found when loading, after the port is bound
+    broken.mkdir()
+    shutil.copy(tiny / "config.json", broken)
+    done = nextword(
+        "serve", "--model", str(broken), "--weights", "f32", "--port", "0", "--metrics-port", "-1"
+    )
+    line = one_line_error(done)
+    assert "cannot load the model" in line and "--model" in line and "safetensors" in line
 
 
 def test_public_bind_without_tls_and_token_warns(tiny):
