@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,9 +83,25 @@ def _server_credentials(c: ServerConfig) -> grpc.ServerCredentials | None:
         return None
     if not (c.tls_cert and c.tls_key):
         raise StartupError("TLS needs both --tls-cert and --tls-key")
+    cert, key = _read_pem(c.tls_cert, "--tls-cert"), _read_pem(c.tls_key, "--tls-key")
     ca = _read_pem(c.tls_client_ca, "--tls-client-ca") if c.tls_client_ca else None
+    # Check the files here: gRPC only logs "Invalid cert chain file" and fails the bind.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(c.tls_cert, c.tls_key, password=lambda: "")  # no prompt
+    except ssl.SSLError as e:
+        raise StartupError(
+            f"--tls-cert {c.tls_cert} / --tls-key {c.tls_key}: not a PEM certificate and its key ({e.reason or e})"
+        ) from e
+    try:
+        if ca:
+            context.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+    except ssl.SSLError as e:
+        raise StartupError(
+            f"--tls-client-ca {c.tls_client_ca}: not a PEM CA certificate ({e.reason or e})"
+        ) from e
     return grpc.ssl_server_credentials(
-        [(_read_pem(c.tls_key, "--tls-key"), _read_pem(c.tls_cert, "--tls-cert"))],
+        [(key, cert)],
         root_certificates=ca,
         require_client_auth=ca is not None,
     )

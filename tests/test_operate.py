@@ -116,6 +116,20 @@ def test_bad_model_path_is_one_line_naming_model(tmp_path, tiny):
     assert "cannot load the model" in line and "--model" in line and "safetensors" in line
 
 
+def test_unusable_certificate_is_one_line_naming_the_flag(tmp_path, tiny):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    args = ("serve", "--model", str(tiny), "--weights", "f32", "--port", "0", "--metrics-port", "-1")
+    line = one_line_error(nextword(*args, "--tls-cert", str(junk), "--tls-key", str(junk)))
+    assert "--tls-cert" in line and "not a PEM certificate" in line
+    line = one_line_error(
+        nextword(*args, "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(junk))
+    )
+    assert "cannot read --tls-cert" in line
+    line = one_line_error(nextword(*args, "--tls-cert", str(junk)))
+    assert "--tls-key" in line
+
+
 def test_public_bind_without_tls_and_token_warns(tiny):
     proc = subprocess.Popen(
         [sys.executable, "-m", "nextword.client.cli", "serve", "--model", str(tiny), "--weights", "f32"]
