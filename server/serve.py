@@ -150,16 +150,13 @@ class NextwordServer:
                 self.port = self._server.add_insecure_port(address)
             else:
                 self.port = self._server.add_secure_port(address, credentials)
-        except RuntimeError as e:  # grpcio: "Failed to bind to address ..."
+        except RuntimeError:  # grpcio: "Failed to bind to address ..."
             self.port = 0
-            cause = e
-        else:
-            cause = None
         if not self.port:
             raise StartupError(
                 f"cannot listen on {address} (in use by another process, or not an address of this machine):"
                 " choose another --port (0 = any free port) or --host"
-            ) from cause
+            )
         if c.metrics_port is not None:  # before start(): a failure here leaves nothing running
             try:
                 self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
