@@ -24,33 +24,23 @@ All arrays C-contiguous; x, out float32; K a multiple of 32. The kernels allocat
 This file is self-contained: it calls no njit function of another file.
 """
 
-import platform
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils, config
-from numba.core import codegen as _codegen
+from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from nextword.kernels import FASTMATH
+from nextword.kernels import FASTMATH, isa
 
 QK = 32  # elements per block
 ROWS = 4  # weight rows dequantized together in the float-activation path
 CHUNK = 16  # rows per parallel work item in the float-activation path (one scratch buffer each)
 
 
-def _host_has_avx2() -> bool:
-    """True when Numba generates code for a CPU with AVX2, FMA and F16C (honours NUMBA_CPU_FEATURES)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    feats = config.CPU_FEATURES if config.CPU_FEATURES is not None else _codegen.get_host_cpu_features()
-    flags = set(feats.split(","))
-    return {"+avx2", "+fma", "+f16c"} <= flags
-
-
-HAVE_AVX2 = _host_has_avx2()
+# AVX2 + FMA + F16C in the code Numba generates (the host CPU, or NUMBA_CPU_NAME / NUMBA_CPU_FEATURES): the
+# explicit-SIMD kernels below; else the portable ones. See nextword.kernels.isa.
+HAVE_AVX2 = isa.target().avx2
 
 # ---------------------------------------------------------------------------------------------------------
 # fp16 -> fp32
