@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nextword.kernels.isa import ISAS, reexec_as, target
 from nextword.kernels.model import Batch, Model
 from nextword.kernels.softmax import log_softmax
 from nextword.server.tokenizer import Tokenizer
@@ -55,7 +56,12 @@ def main() -> None:
     ap.add_argument("--model", help="HF model folder (default: the default model)")
     ap.add_argument("--formats", nargs="+", default=["f32", "int8", "q4"])
     ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument(
+        "--isa", choices=ISAS, help="compile the kernels for this instruction set (default: host)"
+    )
     args = ap.parse_args()
+    if args.isa:
+        reexec_as(args.isa)
 
     folder = Path(args.model) if args.model else ensure_default_model(progress=None)
     ids = Tokenizer(folder).encode(TEXT.read_text())
@@ -70,7 +76,9 @@ def main() -> None:
             results[f"{fmt} {path}"] = (math.exp(nll.mean()), top1, model.checkpoint.nbytes, elapsed)
 
     base = results.get("f32 prompt")
-    print(f"{folder.name}: {len(ids)} tokens of {TEXT.name}, windows of {args.window}")
+    print(
+        f"{folder.name}: {len(ids)} tokens of {TEXT.name}, windows of {args.window}; kernels for {target()}"
+    )
     print("path: prompt = float32 activations (prefill), decode = int8 activations (decode tokens)")
     print(
         f"{'format, path':<14}{'weights MB':>11}{'perplexity':>12}{'vs f32':>9}{'top-1 = f32':>13}{'seconds':>9}"

@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 
 from nextword.kernels import gpt2, llama
+from nextword.kernels.isa import ISAS, reexec_as, target
 from nextword.server.engine import Engine
 from nextword.server.sampling import SamplingParams
 from nextword.weights.default_model import ensure_default_model
@@ -26,7 +27,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     ap.add_argument("--prefill", type=int, default=0, help="measure one prefill of this many tokens instead")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument(
+        "--isa", choices=ISAS, help="compile the kernels for this instruction set (default: host)"
+    )
     args = ap.parse_args()
+    if args.isa:
+        reexec_as(args.isa)
 
     engine = Engine.load(args.model or ensure_default_model(progress=None), weights=args.weights)
     totals: dict[str, float] = defaultdict(float)
@@ -59,7 +65,7 @@ def main() -> None:
     kernel_total = sum(totals.values())
     what = f"prefill of {args.prefill} tokens" if args.prefill else f"decode, batch {args.batch}"
     print(
-        f"{engine.model_id} {args.weights}, {what}, context {args.context}: {wall / steps * 1000:.2f} ms/step"
+        f"{engine.model_id} {args.weights} on {target()}, {what}, context {args.context}: {wall / steps * 1000:.2f} ms/step"
     )
     print(f"{'kernel':<18}{'ms/step':>9}{'calls':>7}{'share':>8}")
     for name, t in sorted(totals.items(), key=lambda kv: -kv[1]):

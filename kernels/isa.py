@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def numba_env(isa: str, cache_root: Path = CACHE_ROOT) -> dict[str, str]:
 
 def with_isa(env: dict[str, str], isa: str) -> dict[str, str]:
     """`env` with the NUMBA_CPU_* / NUMBA_CACHE_DIR settings of `isa` (those of the host removed for native)."""
-    out = {k: v for k, v in env.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_CACHE_DIR")}
+    out = {
+        k: v for k, v in env.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_CACHE_DIR")
+    }
     return out | numba_env(isa)
 
 
@@ -114,3 +117,10 @@ def target() -> Target:
 def uses_avx512(asm: str) -> bool:
     """Whether compiled code (a kernel's `inspect_asm()`) uses AVX-512 registers."""
     return "%zmm" in asm or "%k1" in asm
+
+
+def reexec_as(isa: str) -> None:
+    """Restart this script (same arguments) compiling for `isa`, unless it already does (for --isa options)."""
+    env = with_isa(dict(os.environ), isa)
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)

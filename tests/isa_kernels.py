@@ -10,10 +10,10 @@ import numba
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_quant import KERNELS, check_kernels  # noqa: E402
+from test_quant import KERNELS, check_kernels
 
-from nextword.kernels import isa  # noqa: E402
-from nextword.kernels import quant as kq  # noqa: E402
+from nextword.kernels import isa
+from nextword.kernels import quant as kq
 
 
 def main(expected: str) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from nextword.weights.config import ModelConfig, ModelError, read_config
-from nextword.weights.quantize import check_format, quantize_head, quantize_layer
+from nextword.weights.quant_cache import QuantizedMatrices
+from nextword.weights.quantize import check_format
 
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16: widened by hand (numpy has no bf16)
 
@@ -227,51 +228,60 @@ def read_bf16(path: Path, name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def load_checkpoint(folder: str | Path, weights: str = "f32") -> Checkpoint:
     """Read and validate a Hugging Face model folder, its matmul weights in format `weights` (f32, int8 or
-    q4: see nextword.weights.quantize). Each layer is quantized as soon as it is read, so the float32 copy of
-    the whole model never exists at once. Raises ModelError naming what is wrong."""
+    q4: see nextword.weights.quantize). Quantized weights come from the folder's cache of them when it is
+    valid (nextword.weights.quant_cache: mapped, no float32 matrix read); otherwise each matrix is quantized
+    as soon as it is read, so the float32 copy of the whole model never exists at once, and the cache is
+    written. Raises ModelError naming what is wrong."""
     check_format(weights)
     folder = Path(folder)
     config = read_config(folder)
     files = TensorFiles(folder)
+    matrices = QuantizedMatrices(folder, weights, sorted(set(files.where.values())))
     try:
         load = _load_gpt2 if config.family == "gpt2" else _load_llama
-        checkpoint = load(config, files, weights)
+        checkpoint = load(config, files, matrices)
     except ModelError as e:
         raise ModelError(f"{folder}: {e}") from None
+    matrices.save()
     files.drop_resident_pages()
     return checkpoint
 
 
-def _load_llama(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
+def _load_llama(c: ModelConfig, files: TensorFiles, matrices: QuantizedMatrices) -> Checkpoint:
     files.check(llama_tensors(c), rename=lambda n: n)
     t = files.read
 
     def layer(i: int) -> LlamaLayer:
         p = f"model.layers.{i}."
+        m = lambda name, read: matrices.get(f"layers.{i}.{name}", read)
         bias = None
         if c.qkv_bias:
             bias = np.concatenate([t(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
         return LlamaLayer(
             attn_norm=t(p + "input_layernorm.weight"),
-            qkv=np.concatenate([t(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+            qkv=m("qkv", lambda: np.concatenate([t(p + f"self_attn.{x}_proj.weight") for x in "qkv"])),
             qkv_bias=bias,
-            o=t(p + "self_attn.o_proj.weight"),
+            o=m("o", lambda: t(p + "self_attn.o_proj.weight")),
             mlp_norm=t(p + "post_attention_layernorm.weight"),
-            gate_up=np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")]),
-            down=t(p + "mlp.down_proj.weight"),
+            gate_up=m(
+                "gate_up",
+                lambda: np.concatenate([t(p + "mlp.gate_proj.weight"), t(p + "mlp.up_proj.weight")]),
+            ),
+            down=m("down", lambda: t(p + "mlp.down_proj.weight")),
         )
 
     embed = files.map("model.embed_tokens.weight")  # looked up by rows: mapped, not copied
+    head = (lambda: embed) if c.tie_word_embeddings else (lambda: t("lm_head.weight"))
     return Checkpoint(
         config=c,
         embed=embed,
-        layers=tuple(quantize_layer(layer(i), weights) for i in range(c.num_layers)),
+        layers=tuple(layer(i) for i in range(c.num_layers)),
         final_norm=t("model.norm.weight"),
-        lm_head=quantize_head(embed if c.tie_word_embeddings else t("lm_head.weight"), weights),
+        lm_head=matrices.get("lm_head", head, head=True),
     )
 
 
-def _load_gpt2(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
+def _load_gpt2(c: ModelConfig, files: TensorFiles, matrices: QuantizedMatrices) -> Checkpoint:
     prefixed = "transformer.wte.weight" in files.info
 
     def rename(name: str) -> str:
@@ -287,18 +297,19 @@ def _load_gpt2(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
 
     def layer(i: int) -> GPT2Layer:
         p = f"h.{i}."
+        m = lambda name, read: matrices.get(f"layers.{i}.{name}", read)
         return GPT2Layer(
             ln1_weight=t(p + "ln_1.weight"),
             ln1_bias=t(p + "ln_1.bias"),
-            qkv=conv1d(p + "attn.c_attn.weight"),
+            qkv=m("qkv", lambda: conv1d(p + "attn.c_attn.weight")),
             qkv_bias=t(p + "attn.c_attn.bias"),
-            o=conv1d(p + "attn.c_proj.weight"),
+            o=m("o", lambda: conv1d(p + "attn.c_proj.weight")),
             o_bias=t(p + "attn.c_proj.bias"),
             ln2_weight=t(p + "ln_2.weight"),
             ln2_bias=t(p + "ln_2.bias"),
-            fc=conv1d(p + "mlp.c_fc.weight"),
+            fc=m("fc", lambda: conv1d(p + "mlp.c_fc.weight")),
             fc_bias=t(p + "mlp.c_fc.bias"),
-            proj=conv1d(p + "mlp.c_proj.weight"),
+            proj=m("proj", lambda: conv1d(p + "mlp.c_proj.weight")),
             proj_bias=t(p + "mlp.c_proj.bias"),
         )
 
@@ -306,9 +317,9 @@ def _load_gpt2(c: ModelConfig, files: TensorFiles, weights: str) -> Checkpoint:
     return Checkpoint(
         config=c,
         embed=embed,
-        layers=tuple(quantize_layer(layer(i), weights) for i in range(c.num_layers)),
+        layers=tuple(layer(i) for i in range(c.num_layers)),
         final_norm=t("ln_f.weight"),
         final_norm_bias=t("ln_f.bias"),
-        lm_head=quantize_head(embed, weights),
+        lm_head=matrices.get("lm_head", lambda: embed, head=True),
         positions=t("wpe.weight"),
     )

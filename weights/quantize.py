@@ -207,6 +207,9 @@ def to_gguf_blocks(w: Q8Weight | Q4Weight) -> np.ndarray:
 
 
 FORMATS = ("f32", "int8", "q4")  # what --weights accepts
+# Bump when what a format's quantization produces changes (a quantizer, the LM head's format...): cached
+# quantized weights (nextword.weights.quant_cache) of another version are rewritten.
+QUANTIZER_VERSION = 1
 _QUANTIZERS = {"int8": quantize_q8_0, "q4": quantize_q4_1}
 
 
@@ -218,17 +221,16 @@ def check_format(fmt: str) -> None:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
+def quantize_matrix(w: np.ndarray, fmt: str):
+    """A layer's matmul weight [N, K] in format `fmt`; it stays float32 when K is not a multiple of 32."""
+    if fmt == "f32" or w.shape[1] % QK:
+        return w
+    return _QUANTIZERS[fmt](w)
+
+
 def quantize_layer(layer, fmt: str):
-    """A layer (LlamaLayer or GPT2Layer) with its matmul weights in format `fmt`; a matrix whose K is not a
-    multiple of 32 stays float32."""
-    if fmt == "f32":
-        return layer
-    quantize = _QUANTIZERS[fmt]
-    changes = {}
-    for name in MATRICES:
-        w = getattr(layer, name, None)
-        if isinstance(w, np.ndarray) and w.shape[1] % QK == 0:
-            changes[name] = quantize(w)
+    """A layer (LlamaLayer or GPT2Layer) with its matmul weights in format `fmt`."""
+    changes = {name: quantize_matrix(getattr(layer, name), fmt) for name in MATRICES if hasattr(layer, name)}
     return replace(layer, **changes)
 
 

@@ -12,12 +12,12 @@ from prompts import LONG_TEXT, MEDIUM_PROMPT, NEW_TOKENS, SHORT_PROMPT, rss_mib
 
 gguf, threads = sys.argv[1], int(sys.argv[2])
 llm = Llama(
-    model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512, verbose=False
+    model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=8192, n_batch=512, verbose=False
 )
 ids = llm.tokenize(SHORT_PROMPT.encode(), add_bos=False, special=True)
 next(iter(llm.generate(ids, temp=0.0, top_k=1)))
 print("FIRST_TOKEN", flush=True)
-long_ids = llm.tokenize((LONG_TEXT * 20).encode(), add_bos=False, special=True)
+long_ids = llm.tokenize((LONG_TEXT * 80).encode(), add_bos=False, special=True)
 
 
 def decode_tps(prompt_ids):
@@ -42,12 +42,23 @@ def prefill_tps(prompt_ids):
     return len(prompt_ids) / (time.perf_counter() - started)
 
 
+def isa() -> str:
+    """The widest x86 vector extension llama.cpp was built with (from its system info)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode()
+    widest = next((f for f in ("AVX512", "AVX2", "AVX") if f"{f} = 1" in info), "baseline")
+    return f"{widest.lower()} (llama.cpp build: {' '.join(x.strip() for x in info.split('|') if '= 1' in x)})"
+
+
 medium = llm.tokenize(MEDIUM_PROMPT.encode(), add_bos=False, special=True)
 decode_tps(medium[:16])  # warm-up
 result = {
     "decode_short_tps": decode_tps(medium),
     "decode_long_tps": decode_tps(long_ids[:1000]),
+    "decode_4k_tps": decode_tps(long_ids[:4000]),
     "prefill_512_tps": prefill_tps(long_ids[:512]),
 }
+result["isa"] = isa()
 result["rss_mib"], result["peak_rss_mib"] = rss_mib()
 print(json.dumps(result), flush=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from prompts import BATCH, BATCH_NEW_TOKENS, LONG_TEXT, MEDIUM_PROMPT, NEW_TOKENS, SHORT_PROMPT, rss_mib
 
+from nextword.kernels.isa import target
 from nextword.server.engine import Engine
 from nextword.server.sampling import SamplingParams
 from nextword.weights.default_model import ensure_default_model
@@ -22,7 +23,7 @@ next(engine.generate(SHORT_PROMPT, SamplingParams(temperature=0.0, max_new_token
 print("FIRST_TOKEN", flush=True)
 
 tok = engine.tokenizer
-long_ids = tok.encode(LONG_TEXT * 20)
+long_ids = tok.encode(LONG_TEXT * 80)
 
 
 def decode_tps(prompt_ids: list[int]) -> float:
@@ -55,9 +56,11 @@ decode_tps([salt] + tok.encode(MEDIUM_PROMPT)[:16])  # warm-up
 result = {
     "decode_short_tps": decode_tps([salt + 1] + tok.encode(MEDIUM_PROMPT)),
     "decode_long_tps": decode_tps([salt + 2] + long_ids[:999]),
+    "decode_4k_tps": decode_tps([salt + 4] + long_ids[:3999]),
     "prefill_512_tps": prefill_tps([salt + 3] + long_ids[:511]),
     "batch16_tps": batch_tps(),
 }
 result["rss_mib"], result["peak_rss_mib"] = rss_mib()
+result["isa"] = str(target())
 result["weights_mib"] = engine.model.checkpoint.nbytes / 2**20
 print(json.dumps(result), flush=True)
