@@ -237,6 +237,8 @@ class ModelInfo(_ToDict):
     has_chat_template: bool
     weights_format: str
     parameters: int
+    kernel_path: str  # "avx2" or "portable"
+    instruction_set: str  # e.g. "avx2 (LLVM cpu znver3)"
     limits: Limits
     defaults: dict = field(hash=False)  # the sampling defaults by field name, plus "max_new_tokens"
 
@@ -266,6 +268,8 @@ class ModelInfo(_ToDict):
             has_chat_template=m.has_chat_template,
             weights_format=m.weights_format,
             parameters=m.parameters,
+            kernel_path=m.kernel_path,
+            instruction_set=m.instruction_set,
             limits=limits,
             defaults=defaults,
         )

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nextword.client.client import is_loopback_host
+from nextword.kernels import isa
 from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
 from nextword.server.interceptors import AccessLog, TokenAuth
@@ -185,7 +186,7 @@ class NextwordServer:
         print(
             f"nextword: serving {engine.model_id} ({c.model_type}, {engine.weights_format} weights, {c.num_layers} "
             f"layers, vocab {c.vocab_size}, "
-            f"context {engine.max_context}) on {self.config.host}:{self.port}; "
+            f"context {engine.max_context}; kernels for {isa.target()}) on {self.config.host}:{self.port}; "
             f"ready in {time.perf_counter() - started:.1f} s",
             flush=True,
         )

@@ -19,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from nextword.kernels import inspect as inspection
+from nextword.kernels import isa
 from nextword.server.engine import Distribution, QueueFull, Step
 from nextword.server.engine_thread import EngineThread
 from nextword.server.interceptors import note
@@ -170,6 +171,8 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             has_chat_template=bool(tok.chat_template),
             weights_format=engine.weights_format,
             parameters=engine.model.checkpoint.num_parameters,
+            kernel_path=isa.target().kernels,
+            instruction_set=f"{isa.target().isa} (LLVM cpu {isa.target().cpu})",
             limits=pb.Limits(
                 max_top_n=engine.max_top_n,
                 max_stop_strings=MAX_STOP_STRINGS,

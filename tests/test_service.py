@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from servers import running_server, wait_idle
 
 from nextword.client import Client, DeadlineExceeded, InvalidArgument, NextwordError
+from nextword.kernels import isa, quant
 from nextword.server.sampling import SamplingParams
 
 pytestmark = pytest.mark.real_model
@@ -109,6 +110,8 @@ def test_model_info(client):
     assert info.vocab_size == 49152 and info.context_length == 8192
     assert info.limits.max_top_n == 20 and info.has_chat_template
     assert 2 in info.eos_token_ids
+    assert info.kernel_path == ("avx2" if quant.HAVE_AVX2 else "portable")  # what the matmuls really run
+    assert info.instruction_set.startswith(("avx512 (LLVM cpu ", "avx2 (LLVM cpu ", "baseline (LLVM cpu "))
 
 
 @pytest.mark.parametrize(
@@ -230,7 +233,8 @@ def test_serve_command_health_and_graceful_shutdown(smollm2_folder):
                     break
                 time.sleep(0.02)
         assert seen == [health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING]
-        assert "ready in" in proc.stdout.readline()
+        ready = proc.stdout.readline()
+        assert "ready in" in ready and f"kernels for {isa.target()})" in ready  # which kernel path runs
 
         with Client(f"127.0.0.1:{port}") as c:
             events = c.generate(PROMPTS[0], max_new_tokens=40, ignore_eos=True)
