@@ -79,6 +79,7 @@ class QuantizedMatrices:
         try:
             self.path.parent.mkdir(exist_ok=True)
             save_file(tensors, str(tmp), metadata=meta)
+            tmp.chmod(0o644)  # a shared model cache: readable by every user of it
             os.replace(tmp, self.path)  # atomic: a concurrent start sees the old state or the whole file
         except (OSError, SafetensorError):
             with contextlib.suppress(OSError):
