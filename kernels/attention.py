@@ -106,25 +106,140 @@ def _query_tiles(token_seq, positions):
     return starts[: n + 1]
 
 
+CONTEXT_CHUNK = (
+    256  # cached positions per partial softmax (flash-decoding); a multiple of nothing in particular
+)
+
+
+@njit(cache=True, nogil=True)
+def _work_items(tiles, positions, n_kv_heads, chunk):
+    """Work items of paged_attention: [tile, kv head, first chunk, end chunk] rows. A one-token tile (a decode
+    token, usually) gets one item per chunk of its context, so that a long context keeps every core busy at
+    batch 1; a longer tile takes all its chunks in one item. Also returns the offset of each tile's chunks
+    in the scratch of partial results, and the scratch's number of chunk slots."""
+    n_tiles = tiles.shape[0] - 1
+    offsets = np.empty(n_tiles + 1, dtype=np.int64)
+    offsets[0] = 0
+    n_items = 0
+    for tile in range(n_tiles):
+        nc = (positions[tiles[tile + 1] - 1] + chunk) // chunk  # chunks of positions 0..last
+        offsets[tile + 1] = offsets[tile] + nc
+        n_items += nc if tiles[tile + 1] - tiles[tile] == 1 else 1
+    items = np.empty((n_items * n_kv_heads, 4), dtype=np.int64)
+    i = 0
+    for tile in range(n_tiles):
+        nc = offsets[tile + 1] - offsets[tile]
+        split = tiles[tile + 1] - tiles[tile] == 1
+        for g in range(n_kv_heads):
+            for c in range(nc if split else 1):
+                items[i, 0], items[i, 1] = tile, g
+                items[i, 2], items[i, 3] = (c, c + 1) if split else (0, nc)
+                i += 1
+    return items, offsets
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _chunk_softmax(parts, q, scores, k_cache, v_cache, table, g, first, group, c0, c1):
+    """Partial attention of the tile's rows over cached positions c0 .. c1-1: per row r, parts[r, 0] = the
+    max score m it sees there, parts[r, 1] = sum exp(score - m), parts[r, 2:] = sum exp(score - m) * v
+    (m = -1e30 and zeros when the row sees none of them: positions after its own are masked)."""
+    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    rows = q.shape[0]
+    for r in range(rows):
+        parts[r, 0] = np.float32(-1e30)
+        for i in range(1, head_dim + 2):
+            parts[r, i] = np.float32(0.0)
+    for j in range(c0, c1):
+        b, o = table[j // block_size], j % block_size
+        for r in range(max(j - first, 0) * group, rows):  # rows of tokens before position j do not see it
+            acc = np.float32(0.0)
+            for i in range(head_dim):
+                acc += q[r, i] * k_cache[b, o, g, i]
+            scores[r, j - c0] = acc
+    for r in range(rows):
+        end = min(c1, first + r // group + 1)  # positions this row sees, in this chunk
+        if end <= c0:
+            continue
+        m = scores[r, 0]
+        for j in range(c0 + 1, end):
+            m = max(m, scores[r, j - c0])
+        total = np.float32(0.0)
+        for j in range(c0, end):
+            e = fast_exp(scores[r, j - c0] - m)
+            scores[r, j - c0] = e
+            total += e
+        parts[r, 0] = m
+        parts[r, 1] = total
+    for j in range(c0, c1):
+        b, o = table[j // block_size], j % block_size
+        for r in range(max(j - first, 0) * group, rows):
+            w = scores[r, j - c0]
+            for i in range(head_dim):
+                parts[r, 2 + i] += w * v_cache[b, o, g, i]
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _merge_chunks(out, parts, t0, g, group):
+    """out rows of the tile starting at token t0, kv head g, from its chunks' partial results
+    parts [chunks, rows, 2 + Dh]: softmax-weighted by exp(m_c - max_c m_c), in chunk order."""
+    n_chunks, rows, width = parts.shape
+    head_dim = width - 2
+    acc = np.empty(head_dim, dtype=np.float32)
+    for r in range(rows):
+        m = parts[0, r, 0]
+        for c in range(1, n_chunks):
+            m = max(m, parts[c, r, 0])
+        total = np.float32(0.0)
+        acc[:] = 0.0
+        for c in range(n_chunks):
+            w = fast_exp(parts[c, r, 0] - m)  # 0 for a chunk the row does not see (m_c = -1e30)
+            total += w * parts[c, r, 1]
+            for i in range(head_dim):
+                acc[i] += w * parts[c, r, 2 + i]
+        inv = np.float32(1.0) / total
+        t, hh = t0 + r // group, r % group
+        for i in range(head_dim):
+            out[t, (g * group + hh) * head_dim + i] = acc[i] * inv
+
+
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def paged_attention(
-    out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, n_heads, n_kv_heads
+    out,
+    qkv,
+    k_cache,
+    v_cache,
+    block_tables,
+    token_seq,
+    positions,
+    scale,
+    n_heads,
+    n_kv_heads,
+    chunk=CONTEXT_CHUNK,
 ):
     """Causal grouped-query attention of each new token over its sequence's cached keys and values.
 
     out: [T, H * Dh]; qkv: [T, (H + 2 Hkv) * Dh]; k_cache, v_cache: [NB, BS, Hkv, Dh];
     block_tables: [S, max_blocks] int32 (a sequence's blocks in order); token_seq: [T] int64 (the sequence
     of each token); positions: [T] int64 (a token sees cache positions 0..positions[t]).
-    One work item per (tile of up to TILE consecutive query tokens, kv head): every cached key and value row
-    is read once for all the tile's tokens and for the H / Hkv query heads that share the kv head. Softmax
-    subtracts the max and uses fast_exp.
+    Query tokens go in tiles of up to TILE consecutive tokens of a sequence, with the H / Hkv query heads that
+    share a kv head: every cached key and value row is read once for all of them. The context is cut into
+    chunks of `chunk` positions, each giving a partial softmax (its max, sum and weighted values), merged in
+    chunk order: a token's result depends only on its own context, never on its batch or tile. A one-token
+    tile spreads its chunks over the cores (a long context at batch 1: 3 kv heads alone would keep 2 cores
+    at 1.5); a longer tile goes through its chunks in one work item. Softmax subtracts the max, fast_exp.
     """
-    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
+    head_dim = k_cache.shape[3]
     group = n_heads // n_kv_heads
     tiles = _query_tiles(token_seq, positions)
-    n_tiles = tiles.shape[0] - 1
-    for item in prange(n_tiles * n_kv_heads):
-        tile, g = item // n_kv_heads, item % n_kv_heads
+    items, offsets = _work_items(tiles, positions, n_kv_heads, chunk)
+    # partial results of the split (one-token) tiles, merged after all their chunks are done
+    split_parts = np.empty((offsets[-1], n_kv_heads, group, head_dim + 2), dtype=np.float32)
+    any_split = False
+    for item in range(items.shape[0]):
+        if items[item, 3] - items[item, 2] == 1 and offsets[items[item, 0] + 1] - offsets[items[item, 0]] > 1:
+            any_split = True
+    for item in prange(items.shape[0]):
+        tile, g, c_first, c_end = items[item, 0], items[item, 1], items[item, 2], items[item, 3]
         t0, t1 = tiles[tile], tiles[tile + 1]
         rows = (t1 - t0) * group  # one row per (token, query head of the group)
         s = token_seq[t0]
@@ -135,36 +250,23 @@ def paged_attention(
             t, hh = t0 + r // group, r % group
             for i in range(head_dim):
                 q[r, i] = qkv[t, (g * group + hh) * head_dim + i] * scale
-        scores = np.empty((rows, n), dtype=np.float32)
-        for j in range(n):
-            b, o = block_tables[s, j // block_size], j % block_size
-            r0 = max(j - first, 0) * group  # tokens before this one in the tile do not see position j
-            for r in range(r0, rows):
-                acc = np.float32(0.0)
-                for i in range(head_dim):
-                    acc += q[r, i] * k_cache[b, o, g, i]
-                scores[r, j] = acc
-        for r in range(rows):
-            seen = first + r // group + 1
-            m = scores[r, 0]
-            for j in range(1, seen):
-                m = max(m, scores[r, j])
-            total = np.float32(0.0)
-            for j in range(seen):
-                e = fast_exp(scores[r, j] - m)
-                scores[r, j] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for j in range(seen):
-                scores[r, j] *= inv
-        acc_v = np.zeros((rows, head_dim), dtype=np.float32)
-        for j in range(n):
-            b, o = block_tables[s, j // block_size], j % block_size
-            for r in range(max(j - first, 0) * group, rows):
-                w = scores[r, j]
-                for i in range(head_dim):
-                    acc_v[r, i] += w * v_cache[b, o, g, i]
-        for r in range(rows):
-            t, hh = t0 + r // group, r % group
-            for i in range(head_dim):
-                out[t, (g * group + hh) * head_dim + i] = acc_v[r, i]
+        n_chunks = offsets[tile + 1] - offsets[tile]
+        whole = c_first == 0 and c_end == n_chunks
+        parts = np.empty((c_end - c_first, rows, head_dim + 2), dtype=np.float32)
+        scores = np.empty((rows, chunk), dtype=np.float32)
+        for c in range(c_first, c_end):
+            _chunk_softmax(parts[c - c_first], q, scores, k_cache, v_cache, block_tables[s], g, first, group,
+                           c * chunk, min(n, c * chunk + chunk))  # fmt: skip
+        if whole:
+            _merge_chunks(out, parts, t0, g, group)
+        else:
+            split_parts[offsets[tile] + c_first, g] = parts[0]
+    if any_split:
+        for item in prange(items.shape[0]):
+            tile, g, c_first = items[item, 0], items[item, 1], items[item, 2]
+            n_chunks = offsets[tile + 1] - offsets[tile]
+            if c_first == 0 and items[item, 3] == 1 and n_chunks > 1:  # once per split tile and kv head
+                parts = np.empty((n_chunks, group, head_dim + 2), dtype=np.float32)
+                for c in range(n_chunks):
+                    parts[c] = split_parts[offsets[tile] + c, g]
+                _merge_chunks(out, parts, tiles[tile], g, group)

@@ -112,10 +112,14 @@ def test_rope(H, Hkv, Dh):
     np.testing.assert_allclose(qkv, expect, **TOL)
 
 
+@pytest.mark.parametrize("chunk", [256, 5])
 @pytest.mark.parametrize("H,Hkv,Dh,block_size", [(9, 3, 64, 16), (4, 4, 8, 4), (6, 2, 5, 3)])
-def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size):
+def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk):
     """Three sequences in one batch: a long prefill chunk mid-sequence, a decode step at position 0, and a
-    decode step deep in a sequence, each with shuffled, non-contiguous cache blocks."""
+    decode step deep in a sequence, each with shuffled, non-contiguous cache blocks. With chunk=5 the context
+    is cut into many partial softmaxes: the prefill tile goes through its chunks, the deep decode token's
+    chunks are spread over work items and merged afterwards. Then every token again alone: bit for bit the
+    same (a token's result never depends on its batch or tile)."""
     rng = np.random.default_rng(H + Dh + block_size)
     lengths = [23, 1, 41]  # total positions per sequence after this step
     new = [9, 1, 1]  # new tokens this step (the last `new` positions)
@@ -152,8 +156,14 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size):
     cache_write(k_cache, v_cache, qkv, slots, H, Hkv, Dh)
     out = np.full((len(qkv), H * Dh), np.nan, dtype=np.float32)
     scale = np.float32(1 / np.sqrt(Dh))
-    paged_attention(out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, H, Hkv)
+    paged_attention(out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, H, Hkv, chunk)
 
+    for t in range(len(qkv)):  # alone: a one-token tile (its chunks split over work items)
+        alone = np.full((1, H * Dh), np.nan, dtype=np.float32)
+        one = np.ascontiguousarray(qkv[t : t + 1])
+        paged_attention(alone, one, k_cache, v_cache, block_tables, token_seq[t : t + 1], positions[t : t + 1],
+                        scale, H, Hkv, chunk)  # fmt: skip
+        np.testing.assert_array_equal(alone, out[t : t + 1])
     row = 0
     for s, n in enumerate(lengths):
         q = full[s][n - new[s] :, : H * Dh].reshape(new[s], H, Dh)
