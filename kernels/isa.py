@@ -124,3 +124,9 @@ def reexec_as(isa: str) -> None:
     env = with_isa(dict(os.environ), isa)
     if env != dict(os.environ):
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+if __name__ == "__main__":  # env $(python -m nextword.kernels.isa portable) nextword serve ...
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python -m nextword.kernels.isa {{{','.join(ISAS)}}}   (prints NAME=value settings)")
+    print(" ".join(f"{k}={v}" for k, v in numba_env(sys.argv[1]).items()))

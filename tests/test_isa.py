@@ -50,3 +50,11 @@ def test_numba_env_rejects_unknown_isa():
     with pytest.raises(ValueError, match="unknown instruction set 'avx3'"):
         isa.numba_env("avx3")
     assert isa.numba_env("native") == {}
+
+
+@pytest.mark.skipif(not X86, reason="AVX2 and x86-64-v2 targets exist only on x86-64 hosts")
+def test_command_prints_the_settings_for_env():
+    """`env $(python -m nextword.kernels.isa portable) nextword serve` runs a server on the portable kernels."""
+    out = subprocess.run([sys.executable, "-m", "nextword.kernels.isa", "portable"], check=True,
+                         capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert dict(kv.split("=", 1) for kv in out) == isa.numba_env("portable")
