@@ -6,7 +6,7 @@ Positions are learned (wpe), not rotated.
 
 import numpy as np
 
-from nextword.kernels.attention import cache_write, paged_attention
+from nextword.kernels.attention import CONTEXT_CHUNK, cache_write, paged_attention
 from nextword.kernels.elementwise import add, add_bias, add_embedding, embedding, gelu_tanh
 from nextword.kernels.matmul import linear
 from nextword.kernels.norms import layernorm
@@ -44,6 +44,7 @@ def forward(model, cache, batch):
             scale,
             H,
             H,
+            CONTEXT_CHUNK,
         )
         linear(h, att, layer.o, d)
         add_bias(h, layer.o_bias)

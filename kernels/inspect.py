@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from nextword.kernels import FASTMATH
-from nextword.kernels.attention import cache_write, paged_attention, rope_qk
+from nextword.kernels.attention import CONTEXT_CHUNK, cache_write, paged_attention, rope_qk
 from nextword.kernels.elementwise import add, add_bias, add_embedding, embedding, gelu_tanh, swiglu
 from nextword.kernels.matmul import linear
 from nextword.kernels.norms import layernorm, rmsnorm
@@ -145,7 +145,9 @@ def forward(
             attention_weights(weights, qkv, scale, H, Hkv)
             on_attention(k, weights)
         cache_write(k_cache, v_cache, qkv, positions, H, Hkv, Dh)
-        paged_attention(att, qkv, k_cache, v_cache, block_table, token_seq, positions, scale, H, Hkv)
+        paged_attention(
+            att, qkv, k_cache, v_cache, block_table, token_seq, positions, scale, H, Hkv, CONTEXT_CHUNK
+        )
         linear(h, att, layer.o)
         if not llama:
             add_bias(h, layer.o_bias)

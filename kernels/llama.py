@@ -5,7 +5,7 @@ Per layer: x += o(attention(rope(qkv(rmsnorm(x))))); x += down(swiglu(gate_up(rm
 
 import numpy as np
 
-from nextword.kernels.attention import cache_write, paged_attention, rope_qk
+from nextword.kernels.attention import CONTEXT_CHUNK, cache_write, paged_attention, rope_qk
 from nextword.kernels.elementwise import add, add_bias, embedding, swiglu
 from nextword.kernels.matmul import linear
 from nextword.kernels.norms import rmsnorm
@@ -46,6 +46,7 @@ def forward(model, cache, batch):
             scale,
             H,
             Hkv,
+            CONTEXT_CHUNK,
         )
         linear(h, att, layer.o, d)
         add(x, h)

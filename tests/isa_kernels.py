@@ -7,13 +7,20 @@ import sys
 from pathlib import Path
 
 import numba
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_quant import KERNELS, check_kernels
+from test_quant import check_kernels
 
 from nextword.kernels import isa
 from nextword.kernels import quant as kq
+from nextword.weights.quantize import quantize_q4_1
+
+
+def kq_inputs():
+    w = quantize_q4_1(np.ones((1, 64), np.float32))
+    return w, np.ones((1, 64), np.int8), np.ones((1, 2), np.float32)
 
 
 def main(expected: str) -> None:
@@ -26,10 +33,11 @@ def main(expected: str) -> None:
     for kind in ("Q8_0", "Q4_1"):
         for t, n, k in [(1, 7, 32), (5, 7, 544), (5, 9, 576), (1, 64, 576)]:
             check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
-    # What LLVM emitted for one kernel (compiled afresh: cached code has no assembly to show).
-    fresh = numba.njit(kq.matmul_q4_1_xq.py_func, parallel=True, fastmath=True)
-    fresh.compile(KERNELS["Q4_1"][0].signatures[0])
-    asm = fresh.inspect_asm(fresh.signatures[0])
+    # What LLVM emitted for the Q4_1 row dot this target runs (compiled afresh: cached code has no assembly).
+    one_row = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q4(qs, d, m, 0, xq, dx, sx, 0))
+    w, xq, dx = kq_inputs()
+    one_row(w.qs, w.d, w.m, xq, dx, dx)
+    asm = one_row.inspect_asm(one_row.signatures[0])
     assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
     assert ("vpmaddubsw" in asm) == (expected == "avx2")
     print(f"ok: {target}")
