@@ -186,7 +186,7 @@ class NextwordServer:
         print(
             f"nextword: serving {engine.model_id} ({c.model_type}, {engine.weights_format} weights, {c.num_layers} "
             f"layers, vocab {c.vocab_size}, "
-            f"context {engine.max_context}; kernels for {isa.target()}) on {self.config.host}:{self.port}; "
+            f"context {engine.max_context}) on {self.config.host}:{self.port} with {isa.target().kernels} kernels; "
             f"ready in {time.perf_counter() - started:.1f} s",
             flush=True,
         )
