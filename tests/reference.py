@@ -78,8 +78,16 @@ def layer_norm(x, w, b, eps):
 
 
 def linear(x, w, b=None):
-    y = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T  # [..., in] @ [out, in].T -> [..., out]
+    if isinstance(w, Quantized):
+        y = w.product(x)  # [..., in] -> [..., out]
+    else:
+        y = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T  # [..., in] @ [out, in].T -> [..., out]
     return y if b is None else y + b
+
+
+def conv1d(x, w, b):
+    """HF Conv1D (GPT-2): w [in, out]."""
+    return linear(x, w.T, b)
 
 
 def rope_inv_freq(head_dim, theta, scaling=None):
@@ -190,13 +198,13 @@ def llama(ids, config, tensors, trace=None):
 def gpt2_block(x, p, n_head, eps, trace=None):
     (T, d), hd = x.shape, x.shape[1] // n_head
     h = layer_norm(x, p["ln_1.weight"], p["ln_1.bias"], eps)  # [T, d]
-    qkv = h @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]  # Conv1D, W [in, out]: [T, d] -> [T, 3d]
+    qkv = conv1d(h, p["attn.c_attn.weight"], p["attn.c_attn.bias"])  # [T, d] -> [T, 3d]
     q, k, v = (m.reshape(T, n_head, hd) for m in np.split(qkv, 3, axis=-1))  # 3 x [T, n_head, hd]
     a = attention(q, k, v, trace=trace).reshape(T, d)  # [T, n_head, hd] -> [T, d]
-    x = x + a @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"]  # [T, d] -> [T, d]
+    x = x + conv1d(a, p["attn.c_proj.weight"], p["attn.c_proj.bias"])  # [T, d] -> [T, d]
     h = layer_norm(x, p["ln_2.weight"], p["ln_2.bias"], eps)  # [T, d]
-    h = gelu_tanh(h @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"])  # [T, d] -> [T, 4d]
-    return x + h @ p["mlp.c_proj.weight"] + p["mlp.c_proj.bias"]  # [T, 4d] -> [T, d]
+    h = gelu_tanh(conv1d(h, p["mlp.c_fc.weight"], p["mlp.c_fc.bias"]))  # [T, d] -> [T, 4d]
+    return x + conv1d(h, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])  # [T, 4d] -> [T, d]
 
 
 def gpt2(ids, config, tensors, trace=None):
@@ -233,6 +241,90 @@ def reference_trace(folder_or_loaded, token_ids) -> dict:
     trace = {"hidden": [], "attention": [], "final": []}
     logits = FORWARDS[config["model_type"]](np.asarray(token_ids, np.int64), config, tensors, trace)
     return {**trace, "final": trace["final"][0], "logits": logits}
+
+
+# ---- block-quantized weight formats (llama.cpp's Q8_0 and Q4_1), as the serving engine runs them ----
+
+QK = 32  # elements per block, along a weight's input dimension
+HEAD_FORMAT = {"int8": "Q8_0", "q4": "Q8_0"}  # the LM head is never below 8 bits
+LAYER_FORMAT = {"int8": "Q8_0", "q4": "Q4_1"}
+_LLAMA_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_GPT2_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class Quantized:
+    """A weight [out, in] as a block format stores it: w = scaled + offset, where `offset` is Q4_1's per-block
+    minimum m (0 for Q8_0). With `round_inputs`, products go the decode way (kernels/quant.py): the activations
+    rounded per 32-block of the input as llama.cpp's Q8 activations, dx = absmax / 127, q = round(x * (127 /
+    absmax)) in float32, multiply the scaled part; the offset part multiplies the exact block sums of x."""
+
+    def __init__(self, scaled, offset, round_inputs: bool | str):
+        self.scaled, self.offset, self.round_inputs = scaled, offset, round_inputs
+
+    @property
+    def T(self):
+        return Quantized(self.scaled.T, self.offset.T, self.round_inputs)
+
+    @property
+    def values(self):
+        return self.scaled + self.offset
+
+    def product(self, x):
+        x = np.asarray(x, np.float64)  # [T, in]
+        y = x @ self.values.T  # [T, out]
+        if not self.round_inputs:
+            return y
+        rows = slice(-1, None) if self.round_inputs == "last" else slice(None)  # "last": one decode token
+        b = x[rows].reshape(len(x[rows]), -1, QK).astype(np.float32)  # [t, in/32, 32] as the engine has them
+        amax = np.abs(b).max(axis=-1, keepdims=True)  # [t, in/32, 1]
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0))
+        z = b * inv + np.float32(0.5)  # [t, in/32, 32]
+        dx = (amax / np.float32(127)).astype(np.float64)  # [t, in/32, 1]
+        xq = (np.floor(z).astype(np.float64) * dx).reshape(len(b), -1)  # [t, in]
+        y[rows] = xq @ self.scaled.T + x[rows] @ self.offset.T  # the offset multiplies the exact sums
+        return y
+
+
+def block_quantized(w, kind: str, round_inputs: bool | str = False) -> Quantized:
+    """w [out, in] in llama.cpp's `kind` ("Q8_0" / "Q4_1"), quantized from float32 by gguf-py (llama.cpp's
+    reference quantizers) and split into its scaled part d * q and its offset m, float64 [out, in] each."""
+    import gguf
+
+    t = getattr(gguf.GGMLQuantizationType, kind)
+    w32 = np.ascontiguousarray(w, np.float32)
+    raw = gguf.quants.quantize(w32, t)  # uint8 [out, in/32 * block bytes]
+    values = gguf.quants.dequantize(raw, t).astype(np.float64).reshape(w.shape)
+    offset = np.zeros_like(values)
+    if kind == "Q4_1":  # block: fp16 d, fp16 m, 16 bytes of nibbles
+        blocks = raw.reshape(w.shape[0], -1, raw.shape[1] // (w.shape[1] // QK))
+        m = np.ascontiguousarray(blocks[:, :, 2:4]).view("<f2").astype(np.float64)  # [out, in/32, 1]
+        offset = np.repeat(m[:, :, 0], QK, axis=1)  # [out, in]
+    return Quantized(values - offset, offset, round_inputs)
+
+
+def quantized_reference(loaded, fmt: str, round_inputs: bool | str = False):
+    """(config, tensors) of a model whose matmul weights are in format `fmt` ("int8" or "q4"): every layer
+    projection in LAYER_FORMAT[fmt] and the LM head (tied or not) in HEAD_FORMAT[fmt]; embeddings, norms and
+    biases as stored. `round_inputs`: the activations of every quantized product rounded to int8 blocks (the
+    decode path; "last": only the last token's). Only matrices whose input width is a multiple of 32 are quantized (the others stay float)."""
+    config, tensors = loaded
+
+    def q(w, kind):  # w [out, in]
+        return block_quantized(w, kind, round_inputs) if w.shape[1] % QK == 0 else w
+
+    out = dict(tensors)
+    for name, w in tensors.items():
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in _LLAMA_MATRICES:
+            out[name] = q(w, LAYER_FORMAT[fmt])
+        elif name.endswith(".weight") and any(f".{m}.weight" in name for m in _GPT2_MATRICES):
+            out[name] = q(w.T, LAYER_FORMAT[fmt]).T  # Conv1D [in, out]
+    gpt2 = config["model_type"] == "gpt2"
+    head = tensors.get(
+        "lm_head.weight", tensors["transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"]
+    )
+    out["lm_head.weight"] = q(head, HEAD_FORMAT[fmt])
+    return config, out
 
 
 def _record(trace, key, x):

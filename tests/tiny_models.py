@@ -77,6 +77,18 @@ _SPECS = {
 }
 
 
+# The same kinds with every matmul's input width a multiple of 32 (llama.cpp's block), so that the int8 and q4
+# formats quantize every matrix; the sizes above stay odd on purpose (the float32 fallback, and the goldens).
+_ALIGNED = {"hidden": 64, "heads": 4, "head_dim": 16, "inter": 128}
+_ALIGNED_SPECS = {
+    "llama": dict(_SPECS["llama"], **_ALIGNED, kv_heads=2),
+    "llama_tied": dict(_SPECS["llama_tied"], **_ALIGNED, kv_heads=4),
+    "qwen2": dict(_SPECS["qwen2"], **_ALIGNED, kv_heads=2),
+    "mistral": dict(_SPECS["mistral"], **_ALIGNED, kv_heads=2),
+    "gpt2": dict(_SPECS["gpt2"], hidden=64, heads=4),
+}
+
+
 @functools.cache
 def tiny_tokenizer_json() -> str:
     """Train (once per process) the tiny byte-level BPE and return its tokenizer.json text."""
@@ -282,6 +294,7 @@ def write_tiny_model(
     dtype: str = "float32",
     shards: int = 1,
     rope_scaling: dict | None = None,
+    aligned: bool = False,
 ) -> dict:
     """Write a complete tiny Hugging Face model folder and return its config dict.
 
@@ -292,6 +305,8 @@ def write_tiny_model(
         dtype: Storage dtype of the safetensors: "float32", "float16" or "bfloat16".
         shards: 1 for model.safetensors, or N for model-0000i-of-0000N.safetensors plus an index.
         rope_scaling: Optional HF rope_scaling dict (e.g. {"rope_type": "llama3", ...}); llama family only.
+        aligned: Widths that are multiples of 32 (hidden 64, intermediate 128), so that the int8 / q4 weight
+            formats quantize every matrix; by default the widths are not (hidden 48: those stay float32).
 
     Returns:
         The dict written to config.json.
@@ -302,7 +317,7 @@ def write_tiny_model(
         raise ValueError("gpt2 has no rope")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    spec, vocab = _SPECS[kind], tokenizer_vocab_size()
+    spec, vocab = (_ALIGNED_SPECS if aligned else _SPECS)[kind], tokenizer_vocab_size()
     config = _config(kind, spec, vocab, dtype, rope_scaling)
     rng = np.random.default_rng(seed)
     if kind == "gpt2":
