@@ -64,7 +64,7 @@ def decode_reference(loaded, fmt, ids):
 
 @pytest.mark.parametrize("fmt", ["int8", "q4"])
 def test_quantized_logits_match_reference(aligned, fmt):
-    kind, folder, loaded = aligned
+    _, folder, loaded = aligned
     ckpt = load_checkpoint(folder, fmt)
     layer_type, head_type = FORMAT_TYPES[fmt]
     matrices = [
