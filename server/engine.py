@@ -13,7 +13,7 @@ import gc
 import itertools
 import queue
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,10 +116,12 @@ class Engine:
         max_queue: int = 256,
         model_id: str = "",
         weights_format: str = "f32",
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.weights_format = weights_format  # as loaded: f32, int8 or q4
         self.config = model.config
+        self.clock = clock  # seconds: timings and max_time_s deadlines (tests inject their own)
         self.max_context = model.max_positions
         self.max_batch_tokens, self.max_top_n, self.max_queue = max_batch_tokens, max_top_n, max_queue
         num_blocks = -(-kv_cache_tokens // block_size)
@@ -130,6 +132,8 @@ class Engine:
         self.prefix_hit_tokens = 0
         self.generated_tokens = 0
         self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
+        self.steps_by_sequences: Counter[int] = Counter()  # sequences in a step -> steps that ran that many
+        self.finishes: Counter[str] = Counter()  # finish reason -> sequences that ended so
         self.eos_ids = frozenset(self.config.eos_token_ids) | tokenizer.eos_token_ids
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
@@ -172,7 +176,7 @@ class Engine:
             sampler=None if probs_only else Sampler(params, self.config.vocab_size, prompt_ids),
             on_output=on_output,
             tokens=list(prompt_ids),
-            submitted_at=time.perf_counter(),
+            submitted_at=self.clock(),
         )
         if not probs_only:
             seq.decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
@@ -224,7 +228,7 @@ class Engine:
         self.steps += 1
         while not self._incoming.empty():
             self._waiting.append(self._incoming.get())
-        now = time.perf_counter()
+        now = self.clock()
         for seq in list(itertools.chain(self._running, self._waiting)):
             if seq.cancelled:
                 self._finish(seq, seq.cancelled, None, token=None)
@@ -267,6 +271,7 @@ class Engine:
                 row += 1
         self._running = [s for s in self._running if not s.finished]
         self.last_batch = (len(scheduled), len(batch.token_ids))
+        self.steps_by_sequences[len(scheduled)] += 1
         return len(batch.token_ids)
 
     def _admit(self) -> None:
@@ -297,7 +302,7 @@ class Engine:
             seq.keys += new
 
     def _emit(self, seq: Sequence, logits: np.ndarray) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         seq.prefilled_at = seq.prefilled_at or now
         if seq.sampler is None:
             logprobs = np.empty((1, len(logits)), dtype=np.float32)
@@ -337,6 +342,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, stop: str | None, token: SampledToken | None) -> None:
         seq.finished = True
+        self.finishes[reason] += 1
         self.blocks.release(seq.blocks)
         if seq in self._waiting:
             self._waiting.remove(seq)

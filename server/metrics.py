@@ -32,6 +32,7 @@ class Metrics:
         self.prompt_tokens = Counter("nextword_prompt_tokens", "Prompt tokens of finished requests", registry=r)  # fmt: skip
         self.generated = Counter("nextword_generated_tokens", "Tokens generated", registry=r)
         self.requests = Counter("nextword_requests", "Requests by outcome: a finish reason or a status code", ["outcome"], registry=r)  # fmt: skip
+        self.continued = Counter("nextword_session_continued", "Session requests answered by the live generation they continue (typed as suggested)", registry=r)  # fmt: skip
         self._seen = (0, 0)  # engine totals at the last step, to turn them into counter increments
         # Memory: process_resident_memory_bytes (ProcessCollector) against what the model needs.
         ProcessCollector(registry=r)

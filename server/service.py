@@ -353,6 +353,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                     ended = True
                 elif tag == "request":
                     if live is not None and live.continues_into(item):
+                        self.metrics.continued.inc()
                         yield pb.SessionEvent(generate=live.supersede_event())
                         catch_up = live.rename(item.request_id or uuid.uuid4().hex[:16], item.prompt.text)
                         if catch_up.text:

@@ -248,8 +248,8 @@ def reference_trace(folder_or_loaded, token_ids) -> dict:
 QK = 32  # elements per block, along a weight's input dimension
 HEAD_FORMAT = {"int8": "Q8_0", "q4": "Q8_0"}  # the LM head is never below 8 bits
 LAYER_FORMAT = {"int8": "Q8_0", "q4": "Q4_1"}
-_LLAMA_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_GPT2_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+LLAMA_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT2_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class Quantized:
@@ -315,9 +315,9 @@ def quantized_reference(loaded, fmt: str, round_inputs: bool | str = False):
 
     out = dict(tensors)
     for name, w in tensors.items():
-        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in _LLAMA_MATRICES:
+        if name.endswith(".weight") and name.rsplit(".", 2)[-2] in LLAMA_MATRICES:
             out[name] = q(w, LAYER_FORMAT[fmt])
-        elif name.endswith(".weight") and any(f".{m}.weight" in name for m in _GPT2_MATRICES):
+        elif name.endswith(".weight") and any(f".{m}.weight" in name for m in GPT2_MATRICES):
             out[name] = q(w.T, LAYER_FORMAT[fmt]).T  # Conv1D [in, out]
     gpt2 = config["model_type"] == "gpt2"
     head = tensors.get(
