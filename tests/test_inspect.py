@@ -9,11 +9,11 @@
 """
 
 import threading
-import time
 
 import numpy as np
 import pytest
 import reference as ref
+from servers import SAFETY_S, wait_until
 from tiny_models import write_tiny_model
 
 from nextword.kernels import inspect
@@ -154,45 +154,72 @@ def test_call_runs_on_the_engine_thread(runner):
     assert runner.call(lambda: 42).result(10) == 42  # still serving after a failed call
 
 
-def test_calls_interleave_with_a_running_generation(runner):
+def test_calls_interleave_with_a_running_generation(tmp_path):
+    """Calls queued beside a generation run one per step, between its steps, while it runs."""
+    write_tiny_model(tmp_path, "llama", seed=2)
+    engine = Engine.load(tmp_path, kv_cache_tokens=512, block_size=4)
+    thread = EngineThread(engine)  # not started: the generation and the calls are all queued first
     steps, done = [], threading.Event()
 
     def on_output(step):
-        steps.append((time.perf_counter(), step))
+        steps.append(engine.steps)
         if getattr(step, "finish", None):
             done.set()
 
     params = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
-    runner.submit([5, 6, 7], params, on_output)
-    at = [runner.call(time.perf_counter).result(10) for _ in range(5)]
-    assert done.wait(30) and len(steps) == 40
-    first, last = steps[0][0], steps[-1][0]
-    assert all(first < t < last for t in at[1:])  # the calls ran between the generation's steps
+    seq = thread.submit([5, 6, 7], params, on_output)
+    calls = [thread.call(lambda: (engine.steps, seq.finished)) for _ in range(5)]
+    thread.start()
+    try:
+        assert done.wait(SAFETY_S) and steps == list(range(1, 41))  # one token per step
+        assert [c.result(SAFETY_S) for c in calls] == [(k, False) for k in range(5)]  # one call per step
+    finally:
+        thread.stop()
+
+
+class IdleWatch(threading.Event):
+    """An engine thread's wake event that counts the times the thread went idle (waited with no deadline)."""
+
+    def __init__(self):
+        super().__init__()
+        self.idle = threading.Semaphore(0)
+
+    def wait(self, timeout=None):
+        if timeout is None:
+            self.idle.release()
+        return super().wait(timeout)
 
 
 def test_freed_memory_is_released_once_per_idle_period(tmp_path, monkeypatch):
     released = []
-    monkeypatch.setattr(engine_thread, "release_freed_memory", lambda: released.append(time.perf_counter()))
+    monkeypatch.setattr(engine_thread, "release_freed_memory", lambda: released.append(len(released)))
     write_tiny_model(tmp_path, "llama", seed=3)
     thread = EngineThread(Engine.load(tmp_path, kv_cache_tokens=64, block_size=4))
+    thread._wake = watch = IdleWatch()
     thread.start()
     try:
-        time.sleep(0.1)
-        assert released == []  # nothing was done yet
+        assert watch.idle.acquire(timeout=SAFETY_S)
+        assert released == []  # idle from the start: nothing was done yet
         done = threading.Event()
         params = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
         thread.submit([5, 6, 7], params, lambda step: getattr(step, "finish", None) and done.set())
-        assert done.wait(30)
-        deadline = time.perf_counter() + 10
-        while not released and time.perf_counter() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)
-        assert len(released) == 1  # once going idle, not again while idle
-        thread.call(lambda: None).result(10)
-        time.sleep(0.1)
+        assert done.wait(SAFETY_S)
+        wait_idle_after(watch, lambda: released)
+        assert len(released) == 1  # released on going idle
+        watch.set()  # a wake-up with nothing to do: still the same idle period
+        assert watch.idle.acquire(timeout=SAFETY_S)
+        assert len(released) == 1
+        thread.call(lambda: None).result(SAFETY_S)
+        wait_idle_after(watch, lambda: len(released) == 2)
         assert len(released) == 2  # a call is work too
     finally:
         thread.stop()
+
+
+def wait_idle_after(watch: IdleWatch, condition) -> None:
+    """Wait for the idle entries of the thread until `condition()` holds (each work period ends in one)."""
+    while not condition():
+        assert watch.idle.acquire(timeout=SAFETY_S), "the engine thread never went idle"
 
 
 def test_cancelled_call_is_skipped_and_stop_fails_queued_calls(tmp_path):
@@ -210,8 +237,7 @@ def test_cancelled_call_is_skipped_and_stop_fails_queued_calls(tmp_path):
     never = thread.call(lambda: ran.append("never"))
     stopper = threading.Thread(target=thread.stop)
     stopper.start()
-    while not thread._stopping:  # stop() has begun: the blocked call is the last to run
-        time.sleep(0.001)
+    wait_until(lambda: thread._stopping, "stop() has begun: the blocked call is the last to run")
     release.set()
     stopper.join(10)
     with pytest.raises(RuntimeError, match="stopped"):

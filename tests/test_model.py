@@ -114,9 +114,16 @@ def test_llama3_rope_scaling(tmp_path):
     )
 
 
-def test_each_kernel_compiled_once():
-    """After the whole-model tests, every kernel has exactly one specialization: no float64 or strided array
-    leaked into a kernel and silently compiled a slower second version."""
+def test_each_kernel_compiled_once(tmp_path):
+    """After a prompt and a decode step through both families (and whatever ran before in this process),
+    every kernel has exactly one specialization: no float64 or strided array leaked into a kernel and silently
+    compiled a slower second version."""
+    for kind in ("llama", "gpt2"):
+        write_tiny_model(tmp_path / kind, kind, seed=1)
+        model = Model(load_checkpoint(tmp_path / kind))
+        cache = model.new_cache(num_blocks=8, block_size=BLOCK)
+        model.forward(cache, Batch.build([(PROMPTS[2], 0, [0, 1], "last")], BLOCK))
+        model.forward(cache, Batch.build([([5], len(PROMPTS[2]), [0, 1], "last")], BLOCK, 1))
     kernels = [
         getattr(module, name)
         for module in (attention, elementwise, matmul, norms, softmax)

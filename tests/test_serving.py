@@ -4,7 +4,6 @@ import asyncio
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import reference as ref
 from servers import StepGate, running_server, wait_idle, wait_until

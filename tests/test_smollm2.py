@@ -23,6 +23,9 @@ pytestmark = pytest.mark.real_model
 
 
 def test_golden_covers_what_it_must():
+    from nextword.weights.default_model import GGUF_SHA256
+
+    assert GOLDEN["gguf_sha256"] == GGUF_SHA256  # made from the very file the default model is imported from
     assert len(GOLDEN["tokens"]) >= 60 and len(GOLDEN["prompts"]) >= 8
     # the strings where a plain ByteLevel pre-tokenizer (transformers' GGUF import) gets it wrong are there
     assert sum(t["transformers_gguf_ids"] != "same" for t in GOLDEN["tokens"]) >= 3

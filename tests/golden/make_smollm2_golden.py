@@ -15,6 +15,7 @@ venv of ../shared/peers has them):
   near-tie.
 """
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -115,6 +116,14 @@ TOP = 10
 NEW = 32
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def main(gguf_path: str) -> None:
     gguf_path = Path(gguf_path)
     llm = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
@@ -163,7 +172,7 @@ def main(gguf_path: str) -> None:
 
     out = {
         "made_by": "tests/golden/make_smollm2_golden.py",
-        "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "gguf_sha256": file_sha256(gguf_path),  # the file these goldens were made from
         "versions": {
             "llama_cpp_python": llama_cpp.__version__,
             "transformers": transformers.__version__,
