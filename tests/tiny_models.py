@@ -295,6 +295,7 @@ def write_tiny_model(
     shards: int = 1,
     rope_scaling: dict | None = None,
     aligned: bool = False,
+    context: int = MAX_POSITIONS,
 ) -> dict:
     """Write a complete tiny Hugging Face model folder and return its config dict.
 
@@ -307,6 +308,7 @@ def write_tiny_model(
         rope_scaling: Optional HF rope_scaling dict (e.g. {"rope_type": "llama3", ...}); llama family only.
         aligned: Widths that are multiples of 32 (hidden 64, intermediate 128), so that the int8 / q4 weight
             formats quantize every matrix; by default the widths are not (hidden 48: those stay float32).
+        context: max_position_embeddings (llama family; GPT-2's learned positions stay MAX_POSITIONS).
 
     Returns:
         The dict written to config.json.
@@ -319,6 +321,8 @@ def write_tiny_model(
     folder.mkdir(parents=True, exist_ok=True)
     spec, vocab = (_ALIGNED_SPECS if aligned else _SPECS)[kind], tokenizer_vocab_size()
     config = _config(kind, spec, vocab, dtype, rope_scaling)
+    if kind != "gpt2":
+        config["max_position_embeddings"] = context
     rng = np.random.default_rng(seed)
     if kind == "gpt2":
         tensors = _gpt2_tensors(rng, spec, vocab)
