@@ -259,3 +259,67 @@ def test_explain_png_without_matplotlib(capsys, smollm2_server, monkeypatch, tmp
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     code, _, err = run_cli(capsys, smollm2_server, "explain", BANK, "--png", str(tmp_path / "x.png"))
     assert code == 2 and "pip install 'nextword[viz]'" in err and not (tmp_path / "x.png").exists()
+
+
+def json_of(capsys, smollm2_server, *argv):
+    code, out, err = run_cli(capsys, smollm2_server, *argv, "--json")
+    assert code == 0, err
+    return __import__("json").loads(out)
+
+
+def cosines(vectors):
+    unit = [v / np.linalg.norm(v) for v in vectors]
+    return [float(unit[0] @ u) for u in unit[1:]]
+
+
+def test_similar_by_and_layer(capsys, smollm2_server, client):
+    """--by sentences ranks one-word items by their sentence embeddings, --by words multi-word items by their
+    input embeddings, --layer K by the mean hidden state after layer K: each ranking is the one computed
+    here from Embed."""
+    items = ["dog", "puppy", "car", "cat"]
+
+    def ranking(vectors):
+        scores = cosines(vectors)
+        return [items[1 + i] for i in np.argsort(-np.array(scores), kind="stable")], scores
+
+    out = json_of(capsys, smollm2_server, "similar", *items, "--by", "sentences")
+    expect, scores = ranking([t.sentence for t in client.embed(items).texts])
+    assert out["by"] == "sentence embeddings" and [r["item"] for r in out["ranked"]] == expect
+    assert [r["cosine"] for r in out["ranked"]] == pytest.approx(sorted(scores, reverse=True), abs=1e-5)
+    words = json_of(capsys, smollm2_server, "similar", *items, "--by", "words")
+    assert words["by"].startswith("input embeddings") and words["ranked"] != out["ranked"]
+
+    pairs = ["a big dog", "a small puppy", "a red car"]
+    out = json_of(capsys, smollm2_server, "similar", *pairs, "--by", "words")
+    embedded = client.embed([" " + p for p in pairs], layer=0).texts
+    scores = cosines([t.token_embeddings.mean(axis=0) for t in embedded])
+    assert [r["cosine"] for r in out["ranked"]] == pytest.approx(sorted(scores, reverse=True), abs=1e-5)
+
+    for layer in (0, 3):
+        out = json_of(capsys, smollm2_server, "similar", *items, "--layer", str(layer))
+        embedded = client.embed(items, layer=layer).texts
+        items_scores = cosines([t.token_embeddings.mean(axis=0) for t in embedded])
+        assert [r["cosine"] for r in out["ranked"]] == pytest.approx(
+            sorted(items_scores, reverse=True), abs=1e-5
+        )
+        assert ("layer 3" in out["by"]) == (layer == 3)
+
+
+def test_analogy_no_space(capsys, smollm2_server, client):
+    spaced = json_of(capsys, smollm2_server, "analogy", "dog", "puppy", "cat", "--top-n", "3")
+    bare = json_of(capsys, smollm2_server, "analogy", "dog", "puppy", "cat", "--top-n", "3", "--no-space")
+    assert [t["text"] for t in spaced["terms"]] == [" puppy", " dog", " cat"]
+    expect = client.nearest_tokens([("puppy", 1.0), ("dog", -1.0), ("cat", 1.0)], top_n=3)
+    assert [t["text"] for t in bare["terms"]][1:] == ["dog", "cat"]  # the words as written, no space
+    assert [t["token_id"] for t in bare["terms"]] == [t.token_id for t in expect.terms]
+    assert [t["token_id"] for t in bare["nearest"]] == [t.token_id for t in expect.nearest]
+
+
+def test_explain_chat(capsys, smollm2_server, client):
+    """--chat explains the prompt as one user message in the chat template: the tokens are the template's."""
+    out = json_of(capsys, smollm2_server, "explain", "Hi there", "--chat")
+    expect = client.tokenize([{"role": "user", "content": "Hi there"}])
+    assert [t["id"] for t in out["tokens"]] == list(expect.ids)
+    assert "<|im_start|>" in [t["text"] for t in out["tokens"]] and out["token"] == len(expect.ids) - 1
+    plain = json_of(capsys, smollm2_server, "explain", "Hi there")
+    assert [t["id"] for t in plain["tokens"]] == list(client.tokenize("Hi there").ids)

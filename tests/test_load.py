@@ -74,6 +74,7 @@ class FakeLoad(nextword_pb2_grpc.InferenceServicer):
         self.cached: dict[str, int] = {}
         self.cancelled: set[str] = set()
         self.active = self.max_active = 0
+        self.deadlines: list[float | None] = []  # each Generate's time remaining when it arrived
 
     def Tokenize(self, request, context):
         with self.lock:
@@ -94,6 +95,7 @@ class FakeLoad(nextword_pb2_grpc.InferenceServicer):
         rid, ids = request.request_id, list(request.prompt.token_ids.ids)
         with self.lock:
             self.requests.append(request)
+            self.deadlines.append(context.time_remaining())
             cached = max((common_prefix(ids, p) for p in self.prompts), default=0)
             self.cached[rid] = cached
             self.prompts.append(ids)
@@ -465,3 +467,36 @@ def test_cli_load(target, fake, capsys):
         assert e.value.code == 2
     assert main([*args, "--shared-prefix", "40"]) == 2
     assert "shared_prefix" in capsys.readouterr().err
+
+
+def test_cli_load_flags_reach_the_requests(target, fake, capsys):
+    """Each `nextword load` flag does what it says to the requests the server sees."""
+    base = ["load", "--target", target, "--json"]
+    args = ["--rate", "500", "--num-requests", "6", "--max-inflight", "2", "--warmup", "2", "--channels", "3"]
+    args += ["--prompt-tokens-range", "5:9", "--output-tokens", "3", "--temperature", "0.5", "--seed", "4"]
+    assert main([*base, *args, "--timeout", "30"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    ids = [r.request_id for r in fake.requests]
+    assert ids[:2] == ["warmup-0", "warmup-1"] and sorted(ids[2:]) == [f"load-{i}" for i in range(6)]
+    assert (d["rate"], d["channels"], d["sent"]) == (500, 3, 6) and fake.max_active <= 2
+    assert all(5 <= len(r.prompt.token_ids.ids) <= 9 for r in fake.requests[2:])
+    assert all(r.max_new_tokens == 3 for r in fake.requests)
+    assert all((r.sampling.temperature, r.sampling.seed) == (0.5, 4) for r in fake.requests)
+    assert all(t is not None and 0 < t < 31 for t in fake.deadlines)  # --timeout 30: every call's deadline
+
+    fake.reset()
+    args = ["--concurrency", "2", "--num-requests", "8", "--scenario", "cancel-storm", "--cancel-fraction"]
+    assert main([*base, *args, "0.25", "--prompt-tokens", "8", "--output-tokens", "20"]) == 0
+    assert json.loads(capsys.readouterr().out)["cancelled"] == 2
+    assert sum(t > 1e6 for t in fake.deadlines) == 8  # no --timeout: no deadline (but the health probe's)
+
+    fake.reset()
+    args = ["--scenario", "typist", "--num-requests", "3", "--keystroke-ms", "1", "--keystroke-tokens", "7"]
+    assert main([*base, *args]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 3
+    assert [r.max_new_tokens for r in fake.requests] == [7, 7, 7]
+
+    fake.reset()
+    assert main([*base, "--duration", "0.2", "--prompt-tokens", "8", "--output-tokens", "2"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["completed"] == d["sent"] >= 1  # ended by the duration (no --num-requests)

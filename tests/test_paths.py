@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 import reference as ref
-from servers import SAFETY_S, event_loop_thread, running_server, server_config, wait_until
+from servers import SAFETY_S, event_loop_thread, running_server, server_config
 from tiny_models import write_tiny_model
 
 from nextword.client import Client, Unavailable
@@ -94,7 +94,11 @@ def test_greedy_follows_the_reference(client, loaded, prompt_ids):
     ids=lambda kw: next(iter(kw)),
 )
 def test_penalties_follow_the_reference(client, loaded, prompt_ids, kwargs):
-    names = {"repetition_penalty": "repetition", "presence_penalty": "presence", "frequency_penalty": "frequency"}
+    names = {
+        "repetition_penalty": "repetition",
+        "presence_penalty": "presence",
+        "frequency_penalty": "frequency",
+    }
     expect, gap = reference_greedy(loaded, prompt_ids, **{names[k]: v for k, v in kwargs.items()})
     plain, _ = reference_greedy(loaded, prompt_ids)
     assert gap > 10 * F32_BOUND and expect != plain  # the penalty changes the path: the check is not vacuous
@@ -231,7 +235,11 @@ def test_unavailable_with_retry_info_while_loading(folder, monkeypatch):
         try:
             with Client(f"127.0.0.1:{port}", timeout=SAFETY_S) as c:
                 assert c.health() == "NOT_SERVING"
-                for call in (c.model_info, lambda: c.tokenize("hi"), lambda: c.complete("hi", max_new_tokens=2)):
+                for call in (
+                    c.model_info,
+                    lambda: c.tokenize("hi"),
+                    lambda: c.complete("hi", max_new_tokens=2),
+                ):
                     with pytest.raises(Unavailable) as e:
                         call()
                     assert e.value.retry_after_s == 1.0 and "loading" in e.value.message
