@@ -155,10 +155,18 @@ def test_incremental_decoding_never_splits_a_character(engine):
     assert not any("\ufffd" in d for d in deltas)
 
 
-def test_cli_generate(folder, capsys):
+def test_cli_generate(folder, capsys, tmp_path):
     assert cli_main(["generate", PROMPT, "--model", str(folder), "--max-new-tokens", "6"]) == 0
     out, err = capsys.readouterr()
     assert out and re.search(r"\[length; \d+ prompt \+ 6 generated tokens", err)
+    write_tiny_model(tmp_path, "llama", seed=5, aligned=True)  # widths of 32s: --weights applies
+    for weights in ("q4", "int8"):
+        args = ["generate", PROMPT, "--model", str(tmp_path), "--max-new-tokens", "8", "--weights", weights]
+        assert cli_main([*args, "--ignore-eos"]) == 0
+        expect = Engine.load(tmp_path, weights=weights)
+        assert expect.model.checkpoint.nbytes < Engine.load(tmp_path).model.checkpoint.nbytes  # quantized
+        steps = expect.generate(PROMPT, greedy(max_new_tokens=8, ignore_eos=True))
+        assert capsys.readouterr().out == "".join(s.text for s in steps)
     assert (
         cli_main(["generate", PROMPT, "--model", str(folder), "--show-probs", "--max-new-tokens", "3"]) == 0
     )
@@ -211,5 +219,12 @@ def test_max_lines_and_max_time(engine):
     text = "".join(s.text for s in steps)
     assert steps[-1].finish.reason == "lines" and text.count("\n") == 2 and text.endswith("\n")
 
-    steps = run(engine, PROMPT, greedy(max_new_tokens=100, ignore_eos=True, max_time_s=1e-6))
-    assert steps[-1].finish.reason == "time" and len(steps) <= 1
+    clock = engine.clock
+    engine.clock = lambda: float(engine.steps)  # an injected clock: one second per engine step
+    try:
+        steps = run(engine, PROMPT, greedy(max_new_tokens=100, ignore_eos=True, max_time_s=3.0))
+    finally:
+        engine.clock = clock
+    assert steps[-1].finish.reason == "time" and steps[-1].token is None  # at the 3rd step, before its token
+    assert [s.token is not None for s in steps] == [True, True, False]
+    assert steps[-1].finish.generated_tokens == 2
