@@ -147,11 +147,11 @@ def runner(tmp_path_factory):
 
 
 def test_call_runs_on_the_engine_thread(runner):
-    assert runner.call(lambda: threading.current_thread().name).result(10) == "nextword-engine"
+    assert runner.call(lambda: threading.current_thread().name).result(SAFETY_S) == "nextword-engine"
     failed = runner.call(lambda: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        failed.result(10)
-    assert runner.call(lambda: 42).result(10) == 42  # still serving after a failed call
+        failed.result(SAFETY_S)
+    assert runner.call(lambda: 42).result(SAFETY_S) == 42  # still serving after a failed call
 
 
 def test_calls_interleave_with_a_running_generation(tmp_path):
@@ -230,20 +230,20 @@ def test_cancelled_call_is_skipped_and_stop_fails_queued_calls(tmp_path):
     assert skipped.cancel()
     queued = thread.call(lambda: ran.append("queued"))
     thread.start()
-    assert queued.result(10) is None and ran == ["queued"]
+    assert queued.result(SAFETY_S) is None and ran == ["queued"]
     blocker, release = threading.Event(), threading.Event()
-    thread.call(lambda: (blocker.set(), release.wait(10)))
-    assert blocker.wait(10)
+    thread.call(lambda: (blocker.set(), release.wait(SAFETY_S)))
+    assert blocker.wait(SAFETY_S)
     never = thread.call(lambda: ran.append("never"))
     stopper = threading.Thread(target=thread.stop)
     stopper.start()
     wait_until(lambda: thread._stopping, "stop() has begun: the blocked call is the last to run")
     release.set()
-    stopper.join(10)
+    stopper.join(SAFETY_S)
     with pytest.raises(RuntimeError, match="stopped"):
-        never.result(10)
+        never.result(SAFETY_S)
     with pytest.raises(RuntimeError, match="stopped"):
-        thread.call(lambda: None).result(1)
+        thread.call(lambda: None).result(SAFETY_S)
     assert ran == ["queued"]
 
 
