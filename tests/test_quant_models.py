@@ -21,6 +21,7 @@ import pytest
 import reference as ref
 from tiny_models import KINDS, write_tiny_model
 
+from nextword.kernels.matmul import linear
 from nextword.kernels.model import Batch, Model
 from nextword.weights.loader import load_checkpoint
 from nextword.weights.quantize import Q4Weight, Q8Weight
@@ -114,3 +115,36 @@ def test_odd_widths_stay_float32(tmp_path):
     np.testing.assert_allclose(
         decode_path(Model(ckpt), IDS), ref.reference_logits(tmp_path, IDS)[1:], rtol=0, atol=F32_BOUND
     )
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+def test_every_decode_product_within_the_documented_bound(aligned, fmt, monkeypatch):
+    """Each quantized product of the decode path, inside the real forward of each model kind, against its
+    exact float64 value: within kernels/quant.py's per-block bound 0.5 * dx * sum_j |d * q_j| (dx = the
+    block's activation absmax / 127; d * q the weight without Q4_1's offset m, which multiplies the exact
+    sums), plus float32 accumulation (K * 2^-24 of sum |x * w|)."""
+    from nextword.kernels import gpt2, llama
+    from nextword.weights.quantize import _fp16_value, dequantize
+
+    _, folder, _ = aligned
+    products = []
+
+    def recording_linear(out, x, w, decode_rows=0):
+        linear(out, x, w, decode_rows)
+        if decode_rows and isinstance(w, Q4Weight | Q8Weight):
+            products.append((out[:decode_rows].copy(), x[:decode_rows].copy(), w))
+
+    for module in (llama, gpt2):
+        monkeypatch.setattr(module, "linear", recording_linear)
+    decode_path(Model(load_checkpoint(folder, fmt)), IDS[:6])
+    assert len(products) == 5 * (len(load_checkpoint(folder, fmt).layers) * 4 + 1)  # every layer and the head
+    for out, x, w in products:
+        values = dequantize(w).astype(np.float64)  # [N, K]
+        scaled = values - (np.repeat(_fp16_value(w.m), 32, axis=1) if isinstance(w, Q4Weight) else 0)
+        x64 = x.astype(np.float64)  # [T, K]
+        dx = np.abs(x64).reshape(len(x), -1, 32).max(axis=2) / 127  # [T, K/32]
+        block_sums = np.abs(scaled).reshape(len(scaled), -1, 32).sum(axis=2)  # [N, K/32]
+        bound = 0.5 * dx @ block_sums.T  # [T, N]
+        rounding = x.shape[1] * 2.0**-24 * (np.abs(x64) @ np.abs(values).T)
+        assert (np.abs(out - x64 @ values.T) <= bound + rounding).all()
+        assert np.abs(out - x64 @ values.T).max() > 10 * rounding.max()  # the activations were rounded
