@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from servers import running_server, wait_idle
+from servers import StepGate, running_server, wait_idle
 
 from nextword.client import Client, DeadlineExceeded, InvalidArgument, NextwordError
 from nextword.kernels import isa, quant
@@ -155,8 +155,16 @@ def test_client_cancel_after_three_tokens_frees_the_sequence(client, server):
 
 
 def test_deadline_frees_the_sequence(client, server):
-    with pytest.raises(DeadlineExceeded):
-        list(client.generate(PROMPTS[2], max_new_tokens=500, ignore_eos=True, timeout=0.2))
+    """The engine is held (no step runs) while the deadline passes, so the generation cannot have ended on
+    its own; once steps run again, the expired request is dropped at the next one."""
+    engine = server.runner.engine
+    gate, steps = StepGate(engine), engine.steps
+    try:
+        with pytest.raises(DeadlineExceeded):
+            list(client.generate(PROMPTS[2], max_new_tokens=20, ignore_eos=True, timeout=0.2))
+        assert engine.steps == steps  # the deadline, not the generation's end, stopped it: nothing ran
+    finally:
+        gate.open()
     assert wait_idle(server) == 0
 
 
