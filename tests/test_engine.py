@@ -119,6 +119,23 @@ def test_cancel_frees_the_sequence(engine):
     assert engine.live_sequences == 0
 
 
+def test_each_block_is_released_once(engine):
+    """Two sequences share cached prefix blocks; when one ends, every block the other holds stays in use
+    (released once per holder, never freed under a live sequence), and all are free once both ended."""
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+    assert len(prompt) > 2 * engine.blocks.block_size
+    run(engine, prompt, greedy(max_new_tokens=1))  # its full blocks are now in the prefix cache
+    short, long = [], []
+    engine.submit(prompt, greedy(max_new_tokens=1), short.append)
+    b = engine.submit(prompt, greedy(max_new_tokens=6, ignore_eos=True), long.append)
+    engine.step()  # both admitted on the cached blocks; the short one ends here
+    assert short[-1].finish and not long[-1].finish and b.cached_prompt_tokens > 0
+    assert engine.blocks.used_blocks == len(set(b.blocks))  # the shared blocks are still held, by b
+    while not long[-1].finish:
+        engine.step()
+    assert engine.blocks.free_blocks == engine.blocks.num_blocks
+
+
 @pytest.mark.parametrize(
     "prompt,params,field",
     [
