@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from nextword.server.serve import NextwordServer, ServerConfig
 
 SAFETY_S = 120  # how long a wait for an event may take before the test fails: a hang guard, not a measure
+START_S = 900  # a server's start and warm-up: compiling every kernel on a loaded machine took > 120 s
 
 
 @contextmanager
@@ -38,7 +39,7 @@ def running_server(**config):
     with event_loop_thread() as run:
         srv = NextwordServer(server_config(**config))
         run(srv.start())
-        run(srv.wait_ready())
+        run(srv.wait_ready(), START_S)
         try:
             yield srv
         finally:
