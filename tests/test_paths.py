@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 import reference as ref
-from servers import SAFETY_S, event_loop_thread, running_server, server_config
+from servers import SAFETY_S, START_S, event_loop_thread, running_server, server_config
 from tiny_models import write_tiny_model
 
 from nextword.client import Client, Unavailable
@@ -244,7 +244,7 @@ def test_unavailable_with_retry_info_while_loading(folder, monkeypatch):
                         call()
                     assert e.value.retry_after_s == 1.0 and "loading" in e.value.message
                 release.set()
-                run(srv.wait_ready())
+                run(srv.wait_ready(), START_S)
                 assert c.health() == "SERVING"
                 assert c.complete("hi", max_new_tokens=2, ignore_eos=True).finish.usage.generated_tokens == 2
         finally:
