@@ -246,6 +246,7 @@ class Engine:
         if not scheduled:
             self.last_batch = (0, 0)
             return 0
+        self.steps_by_sequences[len(scheduled)] += 1  # before any output: whoever it reaches sees it counted
         for seq, _ in scheduled:
             seq.scheduled_at = seq.scheduled_at or now
         batch = Batch.build(
@@ -271,7 +272,6 @@ class Engine:
                 row += 1
         self._running = [s for s in self._running if not s.finished]
         self.last_batch = (len(scheduled), len(batch.token_ids))
-        self.steps_by_sequences[len(scheduled)] += 1
         return len(batch.token_ids)
 
     def _admit(self) -> None:

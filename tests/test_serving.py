@@ -100,9 +100,10 @@ def test_batching_changes_no_result(smollm2_folder, weights):
         assert [[t.id for t in r.tokens] for r in results] == alone
         # the warm-up's 2 steps alone, then 12 steps (prefill + 11 decodes) each holding all 8 requests
         assert engine.steps_by_sequences == {1: 2, 8: 12}
-        (histogram,) = srv.metrics.batch_sequences.collect()  # the metric sees the served steps only
-        total = {s.name: s.value for s in histogram.samples}
-        assert (total["nextword_batch_sequences_count"], total["nextword_batch_sequences_sum"]) == (12, 96)
+        # the metric sees the served steps only, observed after each step returns
+        count = "nextword_batch_sequences_count"
+        wait_until(lambda: srv.metrics.registry.get_sample_value(count) == 12, "the 12th step is observed")
+        assert srv.metrics.registry.get_sample_value("nextword_batch_sequences_sum") == 12 * 8
 
 
 def test_prefix_cache_serves_a_shared_prefix(smollm2_folder):
