@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import reference as ref
-from servers import StepGate, running_server, wait_idle, wait_until
+from servers import SAFETY_S, StepGate, running_server, wait_idle, wait_until
 from tiny_models import write_tiny_model
 
 from nextword.client import AsyncClient, Client, ResourceExhausted
@@ -91,12 +91,15 @@ def test_batching_changes_no_result(smollm2_folder, weights):
                     asyncio.ensure_future(c.complete(p, max_new_tokens=12, ignore_eos=True, **kw))
                     for p, kw in requests
                 ]
-                while engine.waiting_sequences < len(requests):
-                    await asyncio.sleep(0.005)
+                waiting = lambda: engine.waiting_sequences == len(requests)
+                await asyncio.to_thread(wait_until, waiting, "the 8 requests wait for the first step")
                 gate.open()
                 return await asyncio.gather(*calls)
 
-        results = asyncio.run(together())
+        try:
+            results = asyncio.run(together())
+        finally:
+            gate.open()
         assert [[t.id for t in r.tokens] for r in results] == alone
         # the warm-up's 2 steps alone, then 12 steps (prefill + 11 decodes) each holding all 8 requests
         assert engine.steps_by_sequences == {1: 2, 8: 12}
@@ -139,26 +142,33 @@ def test_session_supersedes_continues_and_reports_errors_in_band(tiny_folder):
             async with AsyncClient(f"127.0.0.1:{srv.port}") as ac:
                 s = ac.session()
                 items = aiter(s)
+
+                def next_item():  # the next event, or fail (a hang guard)
+                    return asyncio.wait_for(anext(items), SAFETY_S)
+
                 kw = {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
                 await s.send(prompt + " f", request_id="k1", **kw)
                 await s.send(prompt + " fox", request_id="k2", **kw)
                 await s.send(prompt, request_id="bad", temperature=-1.0)
-                error = await anext(items)  # the bad request is answered at once, in band
+                error = await next_item()  # the bad request is answered at once, in band
                 wait_until(lambda: engine.waiting_sequences == 2, "k1 and k2 reach the engine")
                 gate.allow(1)  # one step: k1 is dropped (superseded), k2 runs its prompt and first token
-                first = [await anext(items), await anext(items)]
+                first = [await next_item(), await next_item()]
                 shown = first[1].text
                 while len(shown) < 2:  # a step per event until k2 has shown some text
                     gate.allow(1)
-                    shown += (await anext(items)).text
+                    shown += (await next_item()).text
                 typed = shown[:1]
                 await s.send(prompt + " fox" + typed, request_id="k3", **kw)  # the user typed the suggestion
-                rest = [await anext(items), await anext(items)]  # k2 superseded by k3, k3's catch-up text
+                rest = [await next_item(), await next_item()]  # k2 superseded by k3, k3's catch-up text
                 gate.open()
                 await s.close()
                 return error, first, typed, rest, [item async for item in items]
 
-        error, first, typed, rest, tail = asyncio.run(session())
+        try:
+            error, first, typed, rest, tail = asyncio.run(session())
+        finally:
+            gate.open()
         assert isinstance(error, SessionError) and error.request_id == "bad"
         assert (error.code_name, error.field) == ("INVALID_ARGUMENT", "sampling.temperature")
         k1_final, k2_first = first
