@@ -10,7 +10,9 @@ How the bound is derived. The format's own errors are not tolerances to fit, the
 - the decode path's activations (kernels/quant.py: "per block |err| <= 0.5 * dx * sum_j |d * q_j|",
   dx = absmax / 127): the oracle rounds them the same way, per 32-block, in float64.
 On the prompt path what is left between the engine and the oracle is float32 arithmetic, whose bound the f32
-tests establish (1e-4 on these logits, test_model.py). The decode path's bound is derived in the test.
+tests establish (1e-4 on these logits, test_model.py). On the decode path, every product inside the forward is
+held to the docstring's per-block bound (test_every_decode_product_within_the_documented_bound), and the
+whole-model logits to the envelope derived in test_quantized_logits_match_reference.
 
 Both paths of `linear` are checked: the prompt path (a prompt in one step: float32 activations) and the decode
 path (the same tokens one step each, as decode tokens: int8 activations).
@@ -93,8 +95,11 @@ def test_quantized_logits_match_reference(aligned, fmt):
     got = decode_path(model, IDS)
     rounding = np.abs(expect - unrounded).max(-1)  # [positions]
     assert rounding.min() > 20 * F32_BOUND  # the activations were rounded: the envelope is not vacuous
-    assert (np.abs(got - expect).max(-1) <= F32_BOUND + 2 * rounding).all()
-    assert (got.argmax(-1) == expect.argmax(-1)).mean() >= 0.75
+    bound = F32_BOUND + 2 * rounding  # [positions]
+    assert (np.abs(got - expect).max(-1) <= bound).all()
+    top2 = np.sort(expect, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * bound  # no error within the bound can swap the top two there
+    assert (got.argmax(-1)[clear] == expect.argmax(-1)[clear]).all()
 
 
 def test_f32_matches_reference(aligned):
