@@ -29,7 +29,7 @@ from nextword.weights.loader import load_checkpoint
 from nextword.weights.quantize import Q4Weight, Q8Weight
 
 BLOCK = 4
-IDS = [5, 17, 42, 99, 3, 250, 7, 7, 31, 64, 200, 12]
+IDS = [5, 17, 42, 99, 3, 250, 7, 7, 31]
 F32_BOUND = 1e-4  # float32 arithmetic against float64 on these logits (test_model.py)
 FORMAT_TYPES = {"int8": (Q8Weight, Q8Weight), "q4": (Q4Weight, Q8Weight)}  # (layers, head)
 
