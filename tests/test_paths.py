@@ -215,6 +215,26 @@ def test_a_long_prompt_is_prefilled_in_chunks(client, server, folder, loaded):
     assert [s.token.token_id for s in steps] == generated(client, ids)[0]
 
 
+def test_prompts_share_the_token_budget(folder):
+    """Three long prompts and a decoding sequence at once: no step carries more than --max-batch-tokens, and
+    every result equals its unchunked run."""
+    chunked = Engine.load(folder, weights="f32", kv_cache_tokens=1024, max_batch_tokens=MAX_BATCH_TOKENS)
+    whole = Engine.load(folder, weights="f32", kv_cache_tokens=1024, max_batch_tokens=1024)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = [[5 + i, *range(20 + i, 60 + i)] for i in range(3)] + [[7, 8]]
+    outs = [[] for _ in prompts]
+    for prompt, out in zip(prompts, outs, strict=True):
+        chunked.submit(prompt, params, out.append)
+    batches = []
+    while chunked.has_work():
+        chunked.step()
+        batches.append(chunked.last_batch[1])
+    assert max(batches) == MAX_BATCH_TOKENS and sum(batches) == sum(map(len, prompts)) + 3 * len(prompts)
+    for prompt, out in zip(prompts, outs, strict=True):
+        expect = [s.token.token_id for s in whole.generate(prompt, params)]
+        assert [s.token.token_id for s in out] == expect
+
+
 # ---- the server while it loads ----
 
 
