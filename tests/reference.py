@@ -253,54 +253,42 @@ GPT2_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 class Quantized:
-    """A weight [out, in] as a block format stores it: w = scaled + offset, where `offset` is Q4_1's per-block
-    minimum m (0 for Q8_0). With `round_inputs`, products go the decode way (kernels/quant.py): the activations
-    rounded per 32-block of the input as llama.cpp's Q8 activations, dx = absmax / 127, q = round(x * (127 /
-    absmax)) in float32, multiply the scaled part; the offset part multiplies the exact block sums of x."""
+    """A weight [out, in] as a block format stores it (the values its blocks decode to). With `round_inputs`,
+    products go the decode way (kernels/quant.py): the activations are rounded per 32-block of the input as
+    llama.cpp's Q8 activations, dx = absmax / 127, q = round(x * (127 / absmax)) in float32; "last": only the
+    last token's (one decode token after a prompt)."""
 
-    def __init__(self, scaled, offset, round_inputs: bool | str):
-        self.scaled, self.offset, self.round_inputs = scaled, offset, round_inputs
+    def __init__(self, values, round_inputs: bool | str):
+        self.values, self.round_inputs = values, round_inputs
 
     @property
     def T(self):
-        return Quantized(self.scaled.T, self.offset.T, self.round_inputs)
-
-    @property
-    def values(self):
-        return self.scaled + self.offset
+        return Quantized(self.values.T, self.round_inputs)
 
     def product(self, x):
         x = np.asarray(x, np.float64)  # [T, in]
         y = x @ self.values.T  # [T, out]
         if not self.round_inputs:
             return y
-        rows = slice(-1, None) if self.round_inputs == "last" else slice(None)  # "last": one decode token
+        rows = slice(-1, None) if self.round_inputs == "last" else slice(None)
         b = x[rows].reshape(len(x[rows]), -1, QK).astype(np.float32)  # [t, in/32, 32] as the engine has them
         amax = np.abs(b).max(axis=-1, keepdims=True)  # [t, in/32, 1]
         with np.errstate(divide="ignore"):
             inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0))
-        z = b * inv + np.float32(0.5)  # [t, in/32, 32]
+        q = np.floor(b * inv + np.float32(0.5))  # [t, in/32, 32] the int8 values
         dx = (amax / np.float32(127)).astype(np.float64)  # [t, in/32, 1]
-        xq = (np.floor(z).astype(np.float64) * dx).reshape(len(b), -1)  # [t, in]
-        y[rows] = xq @ self.scaled.T + x[rows] @ self.offset.T  # the offset multiplies the exact sums
+        y[rows] = (q.astype(np.float64) * dx).reshape(len(b), -1) @ self.values.T
         return y
 
 
 def block_quantized(w, kind: str, round_inputs: bool | str = False) -> Quantized:
     """w [out, in] in llama.cpp's `kind` ("Q8_0" / "Q4_1"), quantized from float32 by gguf-py (llama.cpp's
-    reference quantizers) and split into its scaled part d * q and its offset m, float64 [out, in] each."""
+    reference quantizers) and dequantized exactly, float64 [out, in]."""
     import gguf
 
     t = getattr(gguf.GGMLQuantizationType, kind)
-    w32 = np.ascontiguousarray(w, np.float32)
-    raw = gguf.quants.quantize(w32, t)  # uint8 [out, in/32 * block bytes]
-    values = gguf.quants.dequantize(raw, t).astype(np.float64).reshape(w.shape)
-    offset = np.zeros_like(values)
-    if kind == "Q4_1":  # block: fp16 d, fp16 m, 16 bytes of nibbles
-        blocks = raw.reshape(w.shape[0], -1, raw.shape[1] // (w.shape[1] // QK))
-        m = np.ascontiguousarray(blocks[:, :, 2:4]).view("<f2").astype(np.float64)  # [out, in/32, 1]
-        offset = np.repeat(m[:, :, 0], QK, axis=1)  # [out, in]
-    return Quantized(values - offset, offset, round_inputs)
+    raw = gguf.quants.quantize(np.ascontiguousarray(w, np.float32), t)  # uint8 [out, in/32 * block bytes]
+    return Quantized(gguf.quants.dequantize(raw, t).astype(np.float64).reshape(w.shape), round_inputs)
 
 
 def quantized_reference(loaded, fmt: str, round_inputs: bool | str = False):

@@ -7,7 +7,7 @@ How the bound is derived. The format's own errors are not tolerances to fit, the
 - the weights: the oracle multiplies by the values the format stores, quantized by gguf-py (llama.cpp's
   reference quantizers: Q8_0 |w - w'| <= d / 2 with d = absmax / 127, Q4_1 |w - w'| <= d / 2 with
   d = (max - min) / 15, plus d and m rounded to fp16) and dequantized exactly in float64;
-- the decode path's activations (kernels/quant.py: "per block |err| <= 0.5 * dx * sum_j |d * q_j|",
+- the decode path's activations (kernels/quant.py: "per block |err| <= 0.5 * dx * sum_j |w_j|",
   dx = absmax / 127): the oracle rounds them the same way, per 32-block, in float64.
 On the prompt path what is left between the engine and the oracle is float32 arithmetic, whose bound the f32
 tests establish (1e-4 on these logits, test_model.py). On the decode path, every product inside the forward is
@@ -84,7 +84,7 @@ def test_quantized_logits_match_reference(aligned, fmt):
     assert np.abs(expect - exact).max() > 20 * F32_BOUND  # the format's error is real, not a float fallback
 
     # Decode path. The oracle rounds the decode token's activations as the kernel does (per 32-block,
-    # dx = absmax / 127; the docstring's per-block error 0.5 * dx * sum_j |d * q_j|), which moves each
+    # dx = absmax / 127; the docstring's per-block error 0.5 * dx * sum_j |w_j|), which moves each
     # logit by R (its distance from the unrounded products, computed per position). The engine's float32
     # activations differ from the oracle's by ~1e-6, enough to round some of them the other way, one step
     # dx each; through the following layers that makes the engine's rounding a second draw of the same size
@@ -125,11 +125,10 @@ def test_odd_widths_stay_float32(tmp_path):
 @pytest.mark.parametrize("fmt", ["int8", "q4"])
 def test_every_decode_product_within_the_documented_bound(aligned, fmt, monkeypatch):
     """Each quantized product of the decode path, inside the real forward of each model kind, against its
-    exact float64 value: within kernels/quant.py's per-block bound 0.5 * dx * sum_j |d * q_j| (dx = the
-    block's activation absmax / 127; d * q the weight without Q4_1's offset m, which multiplies the exact
-    sums), plus float32 accumulation (K * 2^-24 of sum |x * w|)."""
+    exact float64 value: within kernels/quant.py's per-block bound 0.5 * dx * sum_j |w_j| (dx = the block's
+    activation absmax / 127), plus float32 accumulation (K * 2^-24 of sum |x * w|)."""
     from nextword.kernels import gpt2, llama
-    from nextword.weights.quantize import _fp16_value, dequantize
+    from nextword.weights.quantize import dequantize
 
     _, folder, _ = aligned
     products = []
@@ -145,10 +144,9 @@ def test_every_decode_product_within_the_documented_bound(aligned, fmt, monkeypa
     assert len(products) == 5 * (len(load_checkpoint(folder, fmt).layers) * 4 + 1)  # every layer and the head
     for out, x, w in products:
         values = dequantize(w).astype(np.float64)  # [N, K]
-        scaled = values - (np.repeat(_fp16_value(w.m), 32, axis=1) if isinstance(w, Q4Weight) else 0)
         x64 = x.astype(np.float64)  # [T, K]
         dx = np.abs(x64).reshape(len(x), -1, 32).max(axis=2) / 127  # [T, K/32]
-        block_sums = np.abs(scaled).reshape(len(scaled), -1, 32).sum(axis=2)  # [N, K/32]
+        block_sums = np.abs(values).reshape(len(values), -1, 32).sum(axis=2)  # [N, K/32]
         bound = 0.5 * dx @ block_sums.T  # [T, N]
         rounding = x.shape[1] * 2.0**-24 * (np.abs(x64) @ np.abs(values).T)
         assert (np.abs(out - x64 @ values.T) <= bound + rounding).all()
