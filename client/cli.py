@@ -257,6 +257,11 @@ def add_client_commands(commands) -> None:
 
     add_load_command(commands, common)
 
+    from nextword.client import lsp, typing_surface  # the editor commands: their own modules
+
+    lsp.add_command(commands, common)
+    typing_surface.add_command(commands, common)
+
 
 def token_range(text: str) -> tuple[int, int]:
     """Parse "A:B" into (A, B), for the --*-tokens-range flags."""
