@@ -113,19 +113,16 @@ class Context:
 
     @property
     def anchor(self) -> str:
-        """The text before the cursor without its trailing spaces and tabs: the model continues from there
-        (a prompt ending in spaces splits the tokens it was trained on, such as "    return")."""
-        return self.before.rstrip(" \t")
-
-    @property
-    def blank(self) -> str:
-        """The spaces and tabs just before the cursor, which the generation must begin with."""
-        return self.before[len(self.anchor) :]
+        """Where the model continues from: the text before the cursor less one trailing space. Tokenizers
+        give a word its leading space (" return", " 5"), so a prompt ending in that space splits the tokens
+        the model was trained on; the generation then starts with the space."""
+        return self.before.removesuffix(" ")
 
     def after_blank(self, raw: str) -> str:
-        """A generation from the anchor, without the blank already typed."""
-        blank = self.blank
-        return raw[len(blank) :] if raw.startswith(blank) else raw.lstrip(" \t")
+        """A generation from the anchor, less the space already typed."""
+        if self.before.endswith(" ") and raw.startswith(" "):
+            return raw[1:]
+        return raw
 
 
 def is_block_start(before: str) -> bool:
