@@ -26,12 +26,16 @@ def add_command(commands, common: argparse.ArgumentParser) -> None:
         description=f"A terminal typing surface over one Session to the server at --target. {HELP}.",
     )
     p.add_argument("--max-tokens", type=int, default=Settings.max_tokens, help="tokens per suggestion")
+    p.add_argument(
+        "--timeout-ms", type=int, default=Settings.timeout_ms, help="a suggestion stops after this long"
+    )
     p.add_argument("--file-name", default="", help="the file name given to the model (file-header models)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings(max_tokens=args.max_tokens, block_lines=1)  # one line: the prompt is one line
+    # One line at a time: the prompt is one line.
+    settings = Settings(max_tokens=args.max_tokens, timeout_ms=args.timeout_ms, block_lines=1)
     asyncio.run(type_lines(args, settings))
     return 0
 
