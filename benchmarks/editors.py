@@ -1,0 +1,197 @@
+"""Keystroke -> suggestion latency of `nextword lsp`: N simulated editors typing real code at 10 chars/s.
+
+    python benchmarks/editors.py [--editors 1 8 32] [--seconds 20] [--target HOST:PORT]
+
+Starts `nextword serve` (the default model and weights) on a free port unless --target is given. Each editor
+is a pygls LanguageClient with its own `nextword lsp` process on stdio, as in a real editor. It opens one of
+this repository's source files with the lines above a starting point already written, asks once (warming the
+server's prefix cache, not counted), then types the rest character by character every 100 ms: one keystroke
+= one incremental didChange + one textDocument/inlineCompletion, with the language server's default settings.
+
+Per keystroke: the time from sending it to the answer. A suggestion is *shown* when the answer is not empty
+and arrives before the next keystroke (an editor drops an answer for an older text). The table gives the
+shown share and its latency percentiles; the tokens the server generated per keystroke, and how many of them
+were thrown away (generations superseded or cancelled: parsed from the server's per-request log lines, so
+this needs the server started here). Run it alone on the machine.
+"""
+
+import argparse
+import asyncio
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ["server/engine.py", "client/client.py", "server/service.py", "client/load.py", "kernels/llama.py"]
+LSP = [sys.executable, "-m", "nextword.client.cli", "lsp"]
+LOG_LINE = re.compile(
+    r"(\d+) prompt \+ (\d+) generated tokens, finish=(\w+)|(cancelled) by the client after (\d+)"
+)
+
+
+def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "nextword.client.cli", "serve", "--port", "0", "--metrics-port", "-1"]
+    log = open(log_path, "w")  # noqa: SIM115 (the server's lifetime)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    )
+    for line in proc.stdout:
+        if m := re.search(r"listening on ([\d.]+:\d+)", line):
+            target = m.group(1)
+        if "ready in" in line:
+            return proc, target
+    raise RuntimeError(f"the server did not start (see {log_path})")
+
+
+def tokens_by_outcome(log_path: Path | None, start: int) -> tuple[dict[str, int], int]:
+    """Generated tokens per finish reason in the server log after byte `start`; and the log's new end."""
+    if log_path is None:
+        return {}, 0
+    data = log_path.read_bytes()
+    totals: dict[str, int] = {}
+    for m in LOG_LINE.finditer(data[start:].decode(errors="replace")):
+        reason, tokens = (m.group(3), m.group(2)) if m.group(3) else (m.group(4), m.group(5))
+        totals[reason] = totals.get(reason, 0) + int(tokens)
+    return totals, len(data)
+
+
+def script(index: int) -> tuple[str, str, str]:
+    """(path, text already written, text to type) of editor `index`: a real file, a different place each."""
+    path = SOURCES[index % len(SOURCES)]
+    lines = (ROOT / path).read_text(encoding="utf-8").splitlines(keepends=True)
+    start = min(30 + 11 * (index // len(SOURCES)), len(lines) - 40)
+    return path, "".join(lines[:start]), "".join(lines[start:])
+
+
+async def editor(index: int, target: str, seconds: float, go: asyncio.Event, ready: list, out: list) -> None:
+    from lsprotocol import types as lsp
+    from pygls.lsp.client import LanguageClient
+
+    path, written, to_type = script(index)
+    client = LanguageClient(f"bench-{index}", "1")
+
+    @client.feature(lsp.WINDOW_LOG_MESSAGE)
+    def on_log(params) -> None:
+        print(f"editor {index}: {params.message}", flush=True)
+
+    await client.start_io(*LSP, "--target", target)
+    await client.initialize_async(
+        lsp.InitializeParams(capabilities=lsp.ClientCapabilities(), root_uri=f"file://{ROOT}")
+    )
+    client.initialized(lsp.InitializedParams())
+    uri = f"file://{ROOT}/{path}"
+    client.text_document_did_open(
+        lsp.DidOpenTextDocumentParams(lsp.TextDocumentItem(uri, "python", 1, written))
+    )
+    line, column = written.count("\n"), 0
+
+    def request(line: int, column: int):
+        params = lsp.InlineCompletionParams(
+            context=lsp.InlineCompletionContext(trigger_kind=lsp.InlineCompletionTriggerKind.Automatic),
+            text_document=lsp.TextDocumentIdentifier(uri),
+            position=lsp.Position(line, column),
+        )
+        return client.protocol.send_request_async(lsp.TEXT_DOCUMENT_INLINE_COMPLETION, params)
+
+    await request(line, column)  # warm-up: the prefix cache holds the file's start
+    ready.append(index)
+    await go.wait()
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(random.random() * 0.1)  # editors are not in step
+    t0, sent_at, answers = loop.time(), [], []
+    keystrokes = int(seconds * 10)
+    for k, char in enumerate(to_type[:keystrokes]):
+        await asyncio.sleep(max(0.0, t0 + k * 0.1 - loop.time()))
+        client.text_document_did_change(
+            lsp.DidChangeTextDocumentParams(
+                lsp.VersionedTextDocumentIdentifier(version=k + 2, uri=uri),
+                [
+                    lsp.TextDocumentContentChangePartial(
+                        lsp.Range(lsp.Position(line, column), lsp.Position(line, column)), char
+                    )
+                ],
+            )
+        )
+        line, column = (line + 1, 0) if char == "\n" else (line, column + 1)
+        sent_at.append(loop.time())
+        future = request(line, column)
+        future.add_done_callback(lambda f, k=k: answers.append((k, loop.time(), f)))
+        await asyncio.sleep(0)
+    deadline = loop.time() + 30
+    while len(answers) < len(sent_at) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for k, when, future in answers:
+        shown = (
+            not future.cancelled()
+            and future.exception() is None
+            and bool(future.result().items)
+            and (k + 1 == len(sent_at) or when < sent_at[k + 1])
+        )
+        out.append((shown, (when - sent_at[k]) * 1000))
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()
+
+
+async def level(n: int, target: str, seconds: float) -> list[tuple[bool, float]]:
+    go, ready, out = asyncio.Event(), [], []
+    tasks = [asyncio.create_task(editor(i, target, seconds, go, ready, out)) for i in range(n)]
+    while len(ready) < n:
+        if any(t.done() for t in tasks):
+            await asyncio.gather(*tasks)  # raise what went wrong
+        await asyncio.sleep(0.05)
+    go.set()
+    await asyncio.gather(*tasks)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--editors", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--seconds", type=float, default=20.0, help="typing time of each editor per level")
+    ap.add_argument("--target", help="an already running server (then no thrown-away token counts)")
+    args = ap.parse_args()
+
+    proc, log_path = None, None
+    if args.target:
+        target = args.target
+    else:
+        log_path = Path(tempfile.mkdtemp()) / "serve.log"
+        proc, target = start_server(log_path)
+    print(f"server {target}; load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    header = "| editors | keystrokes | shown | p50 ms | p90 ms | p99 ms | generated tok/keystroke | thrown away tok/keystroke | load avg |"
+    rows = [header, "|" + "---|" * 9]
+    try:
+        for n in args.editors:
+            _, start = tokens_by_outcome(log_path, 0)
+            began = time.perf_counter()
+            out = asyncio.run(level(n, target, args.seconds))
+            tokens, _ = tokens_by_outcome(log_path, start)
+            shown = np.array([ms for ok, ms in out if ok])
+            p50, p90, p99 = np.percentile(shown, [50, 90, 99]) if len(shown) else (float("nan"),) * 3
+            keys = len(out)
+            generated = sum(tokens.values())
+            thrown = tokens.get("superseded", 0) + tokens.get("cancelled", 0)
+            tok = f"{generated / keys:.1f} | {thrown / keys:.1f}" if log_path else "- | -"
+            row = (
+                f"| {n} | {keys} | {len(shown) / keys:.0%} | {p50:.0f} | {p90:.0f} | {p99:.0f} | {tok} "
+                f"| {os.getloadavg()[0]:.1f} |"
+            )
+            rows.append(row)
+            print(row, f"({time.perf_counter() - began:.0f} s)", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
