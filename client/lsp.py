@@ -133,7 +133,6 @@ def build_server(make_client):
         )
         return lsp.CompletionList(is_incomplete=True, items=[item])
 
-    server.nextword_suggesters = suggesters  # for tests and benchmarks: the per-document state
     return server
 
 

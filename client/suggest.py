@@ -229,7 +229,6 @@ class Suggester:
         self._requests: dict[str, _Generation] = {}
         self._cut = (0, 0, 0)  # context trimming: chars dropped, tokens and chars kept when last measured
         self.latest = 0  # the number of the newest suggest() call: older ones answer None
-        self.local_answers = 0  # answered from a finished generation, without asking the server
 
     async def suggest(self, context: Context, settings: Settings) -> str | None:
         """The suggestion at `context` ("" when there is none or the server is down); None when a newer call
@@ -239,7 +238,6 @@ class Suggester:
         block = is_block_start(context.before)
         max_lines = settings.block_lines if block else settings.max_lines
         if (rest := self._typed_along(context, max_lines)) is not None:
-            self.local_answers += 1
             return rest
         try:
             prompt = await self._prompt(context, settings)
@@ -381,11 +379,9 @@ class Suggester:
             self._session = None
 
     async def close(self) -> None:
-        session, reader = self._session, self._reader
         self._drop_session()
-        if reader is not None:
-            await asyncio.gather(reader, return_exceptions=True)
-        del session
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
 
 
 def _head_lines(text: str, max_bytes: int) -> str:
