@@ -33,7 +33,12 @@ def add_command(commands, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    server = build_server(lambda: AsyncClient(args.target, timeout=args.timeout, options=RECONNECT_OPTIONS))
+    from nextword.client.cli import connection_kwargs
+
+    security = connection_kwargs(args)  # TLS and token, as for every client command
+    server = build_server(
+        lambda: AsyncClient(args.target, timeout=args.timeout, options=RECONNECT_OPTIONS, **security)
+    )
     server.start_io()
     return 0
 

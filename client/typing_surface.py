@@ -36,11 +36,13 @@ def add_command(commands, common: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # One line at a time: the prompt is one line.
     settings = Settings(max_tokens=args.max_tokens, timeout_ms=args.timeout_ms, block_lines=1)
-    asyncio.run(type_lines(args, settings))
+    from nextword.client.cli import connection_kwargs
+
+    asyncio.run(type_lines(args, settings, connection_kwargs(args)))  # TLS and token, as every client command
     return 0
 
 
-async def type_lines(args: argparse.Namespace, settings: Settings) -> None:
+async def type_lines(args: argparse.Namespace, settings: Settings, security: dict) -> None:
     try:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.application import get_app
@@ -59,7 +61,7 @@ async def type_lines(args: argparse.Namespace, settings: Settings) -> None:
         get_app().invalidate()
 
     connection = Connection(
-        lambda: AsyncClient(args.target, timeout=args.timeout, options=RECONNECT_OPTIONS), log
+        lambda: AsyncClient(args.target, timeout=args.timeout, options=RECONNECT_OPTIONS, **security), log
     )
     suggester = Suggester(connection)
     lines: list[str] = []  # the lines entered so far: the context above the current one
