@@ -21,6 +21,8 @@ WORD = re.compile(r"[\w$]*$")  # the identifier being typed: what editors filter
 
 
 def add_command(commands, common: argparse.ArgumentParser) -> None:
+    from nextword.client.cli import examples
+
     p = commands.add_parser(
         "lsp",
         parents=[common],
@@ -28,6 +30,10 @@ def add_command(commands, common: argparse.ArgumentParser) -> None:
         description="Serve the Language Server Protocol on stdin/stdout: textDocument/inlineCompletion and "
         "textDocument/completion, answered from the nextword server at --target. docs/editors.md has the "
         "configuration of Neovim, Helix, Emacs and VS Code.",
+        epilog=examples(
+            "nextword lsp                                 (an editor starts it: see docs/editors.md)",
+            "nextword lsp --target 127.0.0.1:50051 --token-file ~/.nextword-token",
+        ),
     )
     p.set_defaults(run=run)
 

@@ -19,17 +19,30 @@ HELP = "Tab or Right accepts the grey suggestion, Enter starts a new line, Ctrl-
 
 
 def add_command(commands, common: argparse.ArgumentParser) -> None:
+    from nextword.client.cli import examples
+
     p = commands.add_parser(
         "type",
         parents=[common],
         help="type in the terminal with the model's suggestion in grey after the cursor",
         description=f"A terminal typing surface over one Session to the server at --target. {HELP}.",
+        epilog=examples("nextword type", "nextword type --file-name fib.py --max-tokens 24"),
     )
-    p.add_argument("--max-tokens", type=int, default=Settings.max_tokens, help="tokens per suggestion")
     p.add_argument(
-        "--timeout-ms", type=int, default=Settings.timeout_ms, help="a suggestion stops after this long"
+        "--max-tokens",
+        type=int,
+        default=Settings.max_tokens,
+        help="tokens per suggestion (default: %(default)s)",
     )
-    p.add_argument("--file-name", default="", help="the file name given to the model (file-header models)")
+    p.add_argument(
+        "--timeout-ms",
+        type=int,
+        default=Settings.timeout_ms,
+        help="a suggestion stops after this long (default: %(default)s)",
+    )
+    p.add_argument(
+        "--file-name", default="", help="the file name given to models with file tokens (default: none)"
+    )
     p.set_defaults(run=run)
 
 
