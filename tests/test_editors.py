@@ -260,7 +260,7 @@ def test_typing_along_a_suggestion_needs_no_new_generation(smollm2_server):
             uri = ed.open("primes.py", primes)
             requests, continuations = (
                 counter(srv, "nextword_requests"),
-                counter(srv, "nextword_session_continuations"),
+                counter(srv, "nextword_session_continued"),
             )
             generated = engine.generated_tokens
             running = ed.inline(uri, primes)
@@ -275,7 +275,7 @@ def test_typing_along_a_suggestion_needs_no_new_generation(smollm2_server):
     assert len(first) > 3 and local == first[3:]
     assert after_local == before  # nothing reached the server
     assert not superseded.items
-    assert counter(srv, "nextword_session_continuations") == continuations + 1
+    assert counter(srv, "nextword_session_continued") == continuations + 1
     assert counter(srv, "nextword_requests") == requests + 1  # one generation finished for both requests
     assert (typed_live + rest).startswith(head.text.rstrip())
 
