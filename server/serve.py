@@ -65,6 +65,7 @@ class ServerConfig:
         """The start-up configuration line (the token itself is never printed)."""
         shown = {k: v for k, v in vars(self).items() if k != "token"}
         shown["token"] = "set" if self.token else "none"
+        shown["model"] = self.model or "default"  # fetched and imported once the port is bound
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
     @property
