@@ -80,7 +80,9 @@ def test_a_request_past_its_deadline_stops_at_its_next_chunk(stub, smollm2_serve
     with pytest.raises(grpc.RpcError) as e:
         stub.Attention(pb.AttentionRequest(prompt=pb.Prompt(text=LONG_TEXT[:2000])), timeout=0.3)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_idle(smollm2_server, timeout=20) == 0  # dropped at its next step (a loaded machine: slow steps)
+    assert (
+        wait_idle(smollm2_server, timeout=20) == 0
+    )  # dropped at its next step (a loaded machine: slow steps)
     runner = smollm2_server.runner
     steps = runner.engine.steps
     # the cancelled inspection's remaining layers are skipped: no call is left to run
