@@ -15,8 +15,9 @@ Like the forward passes, these touch the model's weights: in the server they run
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from numba import njit, prange
@@ -63,6 +64,9 @@ def attention_weights(out, qkv, scale, n_heads, n_kv_heads):
             out[h, t, s] = np.float32(0.0)
 
 
+R = TypeVar("R")
+
+
 @dataclass(frozen=True)
 class Inspection:
     """What one inspection forward kept."""
@@ -72,7 +76,21 @@ class Inspection:
     logits: np.ndarray | None  # [V] the next-token logits after the last position
 
 
-def forward(
+def finish(chunks: Generator[None, None, R]) -> R:
+    """Run a chunked computation (a generator, see `forward_chunks`) to its end; its return value."""
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as done:
+            return done.value
+
+
+def forward(model, token_ids, **kwargs) -> Inspection:
+    """`forward_chunks` run to its end."""
+    return finish(forward_chunks(model, token_ids, **kwargs))
+
+
+def forward_chunks(
     model,
     token_ids,
     *,
@@ -81,8 +99,11 @@ def forward(
     on_attention: Callable[[int, np.ndarray], None] | None = None,
     final: bool = True,
     logits: bool = False,
-) -> Inspection:
+) -> Generator[None, None, Inspection]:
     """Run one sequence through `model` (a nextword.kernels.model.Model), keeping what is asked for.
+
+    A generator that yields after each layer and returns the Inspection: the server's engine thread runs
+    it a few layers at a time between its steps (a 1,024-token forward is seconds of work).
 
     Args:
         token_ids: the sequence, 1 to model.max_positions ids.
@@ -168,6 +189,7 @@ def forward(
         add(x, h)
         if k in keep:
             hidden[k] = x.copy()
+        yield
 
     out_final = out_logits = None
     if final or logits:
@@ -188,7 +210,12 @@ def embed(model, token_ids, layer: int | None = None) -> tuple[np.ndarray | None
     """Embeddings of one text: (per-token vectors [T, D] at `layer` as in `forward`'s hidden_layers, or None
     when layer is None; the sentence embedding [D]: the mean over the tokens of the last hidden state after
     the final norm, scaled to unit length)."""
-    run = forward(model, token_ids, hidden_layers=() if layer is None else (layer,))
+    return finish(embed_chunks(model, token_ids, layer))
+
+
+def embed_chunks(model, token_ids, layer: int | None = None):
+    """`embed`, one layer per chunk (see `forward_chunks`)."""
+    run = yield from forward_chunks(model, token_ids, hidden_layers=() if layer is None else (layer,))
     mean = run.final.mean(axis=0, dtype=np.float64)  # [D]
     norm = np.linalg.norm(mean)
     sentence = (mean / norm if norm > 0 else mean).astype(np.float32)
@@ -198,6 +225,11 @@ def embed(model, token_ids, layer: int | None = None) -> tuple[np.ndarray | None
 def attention(model, token_ids, layer: int | None = None, head: int | None = None) -> np.ndarray:
     """Attention weights [T, T] (row = query token, each row sums to 1, causal) of layer `layer` (1..L) and
     query head `head` (0..H-1); None for either means the mean over all layers / all heads."""
+    return finish(attention_chunks(model, token_ids, layer, head))
+
+
+def attention_chunks(model, token_ids, layer: int | None = None, head: int | None = None):
+    """`attention`, one layer per chunk (see `forward_chunks`)."""
     c = model.config
     if head is not None and not 0 <= head < c.num_heads:
         raise ValueError(f"head {head} is not in 0..{c.num_heads - 1}")
@@ -211,7 +243,7 @@ def attention(model, token_ids, layer: int | None = None, head: int | None = Non
         else:
             total[:] += weights[head]
 
-    forward(model, token_ids, attention_layers=layers, on_attention=visit, final=False)
+    yield from forward_chunks(model, token_ids, attention_layers=layers, on_attention=visit, final=False)
     return (total / len(layers)).astype(np.float32)
 
 

@@ -162,7 +162,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         token = read_token(os.environ.get("NEXTWORD_TOKEN"), args.token_file)
         config = ServerConfig(
-            model=resolve_model(args.model),
+            model=resolve_model(args.model)
+            if args.model
+            else None,  # the default: fetched once the port is bound
             weights=args.weights,
             host=args.host,
             port=args.port,
@@ -210,7 +212,7 @@ def run_pull(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as e:
         raise MissingExtra(e.name, "server") from e
 
-    print(ensure_default_model(home=args.home))
+    print(ensure_default_model(home=args.home, verify=True))  # every file's sha256, repaired if damaged
     return 0
 
 

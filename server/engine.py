@@ -2,7 +2,8 @@
 
 Each `step()` admits waiting requests, runs one forward pass over all scheduled sequences together (prompt
 chunks and single decode tokens in one ragged batch), samples per sequence, checks the stop conditions and
-hands each sequence its output. Callers on other threads `submit()` requests and `cancel()` them; only the
+hands each sequence its output. A step's size is set in time (max_step_s, from the measured costs), since
+every decoding stream waits for the whole step; sequences whose reader is behind are paused. Callers on other threads `submit()` requests and `cancel()` them; only the
 thread that calls `step()` touches the model. `generate()` and `next_token_probabilities()` are the
 in-process conveniences: submit, then step until done.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import itertools
-import queue
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -88,6 +89,10 @@ class Sequence:
     text: str = ""  # generated text so far (stop strings already cut off)
     emitted: int = 0  # characters of `text` handed out
     cancelled: str | None = None  # set (to the finish reason) by cancel(), acted on at the next step
+    queued: bool = False  # counted against max_queue: submitted, not yet admitted nor cancelled
+    paused_at: float | None = (
+        None  # set by pause(): not scheduled until resume(), cancelled if paused too long
+    )
     finished: bool = False
     submitted_at: float = 0.0
     scheduled_at: float | None = None
@@ -97,6 +102,10 @@ class Sequence:
     @property
     def generated(self) -> int:
         return len(self.tokens) - len(self.prompt_ids)
+
+
+MIN_MEASURED = 16  # steps of at least this many tokens measure the cost of a token
+MIN_PROMPT_CHUNK = 8  # prompt tokens a step takes even when decoding alone fills its time budget
 
 
 class QueueFull(Exception):
@@ -112,8 +121,10 @@ class Engine:
         kv_cache_tokens: int = 16384,
         block_size: int = 16,
         max_batch_tokens: int = 1024,
+        max_step_s: float | None = 0.2,  # None: steps sized in tokens only (max_batch_tokens)
         max_top_n: int = 20,
         max_queue: int = 256,
+        max_paused_s: float = 60.0,
         model_id: str = "",
         weights_format: str = "f32",
         clock: Callable[[], float] = time.perf_counter,
@@ -121,9 +132,17 @@ class Engine:
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.weights_format = weights_format  # as loaded: f32, int8 or q4
         self.config = model.config
-        self.clock = clock  # seconds: timings and max_time_s deadlines (tests inject their own)
+        self.clock = clock  # seconds: timings, max_time_s deadlines, step costs (tests inject their own)
         self.max_context = model.max_positions
         self.max_batch_tokens, self.max_top_n, self.max_queue = max_batch_tokens, max_top_n, max_queue
+        # A step's work is sized in time, not only in tokens: every decoding stream waits for the whole step
+        # (1,024 prompt tokens are ~3 s here). The cost of a token is measured on the steps themselves.
+        self.max_step_s = max_step_s
+        self.max_paused_s = max_paused_s
+        # Cost model of a step: step_base_s (weights read, per-step work) + tokens x seconds_per_token,
+        # moving averages over small steps and over steps of at least MIN_MEASURED tokens.
+        self.step_base_s = 0.0
+        self.seconds_per_token: float | None = None
         num_blocks = -(-kv_cache_tokens // block_size)
         self.cache = model.new_cache(num_blocks, block_size)
         self.blocks = BlockPool(num_blocks, block_size)
@@ -135,10 +154,15 @@ class Engine:
         self.steps_by_sequences: Counter[int] = Counter()  # sequences in a step -> steps that ran that many
         self.finishes: Counter[str] = Counter()  # finish reason -> sequences that ended so
         self.eos_ids = frozenset(self.config.eos_token_ids) | tokenizer.eos_token_ids
-        self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        # Submitted by other threads, taken at the next step. `_queued` counts the submitted sequences not yet
+        # admitted nor cancelled: a cancelled request (a superseded Session request) frees its place at once.
+        self._lock = threading.Lock()
+        self._incoming: list[Sequence] = []
+        self._queued = 0
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._ids = itertools.count()
+        self._cancel_all: str | None = None  # set by cancel_all(), acted on at the next step
 
     @classmethod
     def load(cls, folder: str | Path, weights: str = "f32", **kwargs) -> Engine:
@@ -166,9 +190,6 @@ class Engine:
         """Validate and queue a request; `on_output` is called from the engine thread with each output.
         Raises InvalidParameter for a request that can never be served, QueueFull when too many wait."""
         self.validate(prompt_ids, params, probs_only)
-        waiting = len(self._waiting) + self._incoming.qsize()
-        if waiting >= self.max_queue:
-            raise QueueFull(f"{waiting} requests are already waiting (the queue holds {self.max_queue})")
         seq = Sequence(
             id=request_id or f"req-{next(self._ids)}",
             prompt_ids=list(prompt_ids),
@@ -180,7 +201,14 @@ class Engine:
         )
         if not probs_only:
             seq.decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
-        self._incoming.put(seq)
+        with self._lock:
+            if self._queued >= self.max_queue:
+                raise QueueFull(
+                    f"{self._queued} requests are already waiting (the queue holds {self.max_queue})"
+                )
+            self._queued += 1
+            seq.queued = True
+            self._incoming.append(seq)
         return seq
 
     def validate(self, prompt_ids: list[int], params: SamplingParams, probs_only: bool = False) -> None:
@@ -205,10 +233,35 @@ class Engine:
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
         """Stop a sequence at the next step (safe from any thread); it finishes with `reason`."""
         seq.cancelled = seq.cancelled or reason
+        self._unqueue(seq)
+
+    def pause(self, seq: Sequence) -> None:
+        """Stop scheduling a sequence (its reader is behind), keeping its cache; safe from any thread."""
+        if seq.paused_at is None:
+            seq.paused_at = self.clock()
+
+    def resume(self, seq: Sequence) -> None:
+        seq.paused_at = None
+
+    @property
+    def paused_sequences(self) -> int:
+        return sum(s.paused_at is not None for s in self._running)
+
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        """Stop every live sequence at the next step (safe from any thread): the end of a drain."""
+        self._cancel_all = reason
+
+    def _unqueue(self, seq: Sequence) -> None:
+        """The sequence no longer counts against max_queue (admitted, cancelled or finished)."""
+        with self._lock:
+            if seq.queued:
+                seq.queued = False
+                self._queued -= 1
 
     @property
     def waiting_sequences(self) -> int:
-        return len(self._waiting) + self._incoming.qsize()
+        """Requests waiting for admission (cancelled ones excluded: they are gone at the next step)."""
+        return self._queued
 
     @property
     def running_sequences(self) -> int:
@@ -216,7 +269,7 @@ class Engine:
 
     @property
     def live_sequences(self) -> int:
-        return len(self._running) + len(self._waiting) + self._incoming.qsize()
+        return len(self._running) + len(self._waiting) + len(self._incoming)
 
     def has_work(self) -> bool:
         return self.live_sequences > 0
@@ -226,18 +279,26 @@ class Engine:
     def step(self) -> int:
         """Advance every live sequence by one step; returns how many tokens went through the model."""
         self.steps += 1
-        while not self._incoming.empty():
-            self._waiting.append(self._incoming.get())
+        self._take_incoming()
         now = self.clock()
+        cancel_all, self._cancel_all = self._cancel_all, None
         for seq in list(itertools.chain(self._running, self._waiting)):
+            seq.cancelled = seq.cancelled or cancel_all
             if seq.cancelled:
                 self._finish(seq, seq.cancelled, None, token=None)
             elif seq.params.max_time_s and now - seq.submitted_at >= seq.params.max_time_s:
                 self._finish(seq, "time", None, token=None)
+            elif seq.paused_at is not None and now - seq.paused_at >= self.max_paused_s:
+                self._finish(seq, "cancelled", None, token=None)  # its client stopped reading
         self._admit()
-        # Decoding sequences first (one token each), then prompt chunks within the token budget.
-        scheduled = [(s, 1) for s in self._running if s.num_cached >= len(s.prompt_ids)]
-        decode_tokens, budget = len(scheduled), self.max_batch_tokens - len(scheduled)
+        # Decoding sequences first (one token each), then prompt chunks within the step's budget.
+        scheduled = [
+            (s, 1) for s in self._running if s.num_cached >= len(s.prompt_ids) and s.paused_at is None
+        ]
+        decode_tokens = len(scheduled)
+        budget = min(
+            max(self.step_tokens() - decode_tokens, MIN_PROMPT_CHUNK), self.max_batch_tokens - decode_tokens
+        )
         for seq in self._running:
             if seq.num_cached < len(seq.prompt_ids) and budget > 0:
                 chunk = min(len(seq.tokens) - seq.num_cached, budget)
@@ -262,7 +323,9 @@ class Engine:
             self.blocks.block_size,
             decode_tokens,
         )
+        started = self.clock()
         logits = self.model.forward(self.cache, batch)
+        self._measure(self.clock() - started, len(batch.token_ids))
         row = 0
         for seq, n in scheduled:
             seq.num_cached += n
@@ -273,6 +336,25 @@ class Engine:
         self._running = [s for s in self._running if not s.finished]
         self.last_batch = (len(scheduled), len(batch.token_ids))
         return len(batch.token_ids)
+
+    def step_tokens(self) -> int:
+        """Tokens one step may take: as many as the measured costs fit in max_step_s, capped by
+        max_batch_tokens (a cautious MIN_MEASURED * 4 until a big step has been measured). When a step's
+        fixed cost alone exceeds the budget (an overloaded machine), the step still does as much token
+        work as its fixed cost, so prompts progress at half efficiency or better."""
+        if self.max_step_s is None:
+            return self.max_batch_tokens
+        if self.seconds_per_token is None:
+            return min(self.max_batch_tokens, MIN_MEASURED * 4)
+        work_s = max(self.max_step_s - self.step_base_s, self.step_base_s)
+        return max(1, min(self.max_batch_tokens, int(work_s / self.seconds_per_token)))
+
+    def _measure(self, seconds: float, tokens: int) -> None:
+        if tokens < MIN_MEASURED:  # dominated by the per-step costs
+            self.step_base_s = _average(self.step_base_s or seconds, seconds)
+        else:
+            per = max(seconds - self.step_base_s, 1e-7 * tokens) / tokens  # never 0: step_tokens divides
+            self.seconds_per_token = _average(self.seconds_per_token or per, per)
 
     def _admit(self) -> None:
         # Blocks for the whole generation are taken at admission, so a running sequence never waits for cache.
@@ -291,6 +373,7 @@ class Engine:
             pool.grow(seq.blocks, need)
             self.prefix_hit_tokens += seq.cached_prompt_tokens
             self._running.append(self._waiting.popleft())
+            self._unqueue(seq)
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed blocks to the prefix cache."""
@@ -343,6 +426,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, stop: str | None, token: SampledToken | None) -> None:
         seq.finished = True
         self.finishes[reason] += 1
+        self._unqueue(seq)
         self.blocks.release(seq.blocks)
         if seq in self._waiting:
             self._waiting.remove(seq)
@@ -367,14 +451,19 @@ class Engine:
 
     def fail_all(self, error: Exception) -> None:
         """Give every live sequence `error` as its last output and free its cache (after a failed step)."""
-        while not self._incoming.empty():
-            self._waiting.append(self._incoming.get())
+        self._take_incoming()
         for seq in [*self._running, *self._waiting]:
             seq.finished = True
+            self._unqueue(seq)
             self.blocks.release(seq.blocks)
             seq.on_output(error)
         self._running.clear()
         self._waiting.clear()
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        self._waiting.extend(incoming)
 
     # ---- in-process conveniences (the caller's thread steps the engine) ----
 
@@ -404,6 +493,11 @@ class Engine:
         while not out:
             self.step()
         return out[0]
+
+
+def _average(old: float, new: float) -> float:
+    """Exponential moving average: recent steps weigh most (the machine's load changes)."""
+    return 0.7 * old + 0.3 * new
 
 
 def _overlap(text: str, stop: str) -> int:

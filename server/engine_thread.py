@@ -2,16 +2,21 @@
 
 Request handlers on other threads (the gRPC event loop) submit and cancel through it; each sequence's
 outputs come back through the `on_output` callback the handler gave, called from this thread. Other work on the
-model (inspection: embeddings, attention weights) goes through `call(fn)`: fn runs on this thread between two
-steps, one call per step while sequences are running, and its result comes back in a Future.
+model (inspection: embeddings, attention weights) goes through `call(fn)`: fn runs on this thread and its
+result comes back in a Future. Long work is written as a generator of chunks (inspect.forward_chunks: one layer
+per chunk); the thread runs such calls' chunks in turn between two engine steps, for at most the engine's step
+time budget, so a decoding stream waits about one step budget for a chunked call, never the whole call. A
+call whose Future is cancelled (its client gone or past its deadline) stops at its next chunk.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 
 from nextword.server.engine import Engine
@@ -27,6 +32,8 @@ class EngineThread:
         self._wake = threading.Event()
         self._stopping = False
         self._calls: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
+        self._chunked: deque[tuple[Generator, Future]] = deque()  # calls in progress, run in turn
+        self._cancel_calls = False  # set by cancel_all()
         self._thread = threading.Thread(target=self._run, name="nextword-engine", daemon=True)
 
     def start(self) -> None:
@@ -42,9 +49,24 @@ class EngineThread:
         self.engine.cancel(seq, reason)
         self._wake.set()
 
+    def pause(self, seq) -> None:
+        self.engine.pause(seq)
+
+    def resume(self, seq) -> None:
+        if seq.paused_at is not None:
+            self.engine.resume(seq)
+            self._wake.set()
+
+    def cancel_all(self, reason: str = "cancelled") -> None:
+        """Every live sequence ends at the next step with `reason`; calls not yet done fail."""
+        self.engine.cancel_all(reason)
+        self._cancel_calls = True
+        self._wake.set()
+
     def call(self, fn: Callable[[], object]) -> Future:
-        """Run fn() on this thread between two steps; the Future gets its result or exception. A Future
-        cancelled before fn starts (e.g. by an awaiting handler that was cancelled) skips it."""
+        """Run fn() on this thread between two steps; the Future gets its result or exception. When fn
+        returns a generator, it is run a chunk at a time between steps and the Future gets its return value.
+        A Future cancelled before the work ends (by an awaiting handler that was cancelled) stops it."""
         future: Future = Future()
         if self._stopping:
             future.set_exception(RuntimeError("the engine thread has stopped"))
@@ -60,11 +82,16 @@ class EngineThread:
         if not self._thread.is_alive():
             self._fail_queued_calls()
 
+    @property
+    def pending_calls(self) -> int:
+        """Calls queued or in progress."""
+        return self._calls.qsize() + len(self._chunked)
+
     def _run(self) -> None:
         busy = False  # work was done since the engine was last idle
         while not self._stopping:
             self._wake.clear()  # before looking for work, so a submit in between is never missed
-            called = self._run_one_call()
+            called = self._run_calls()
             busy |= called
             if not self.engine.has_work():
                 if not called:
@@ -84,22 +111,63 @@ class EngineThread:
                 self._on_step(self.engine)
         self._fail_queued_calls()
 
-    def _run_one_call(self) -> bool:
-        """Run the oldest queued call, if any; True when there was one."""
-        try:
-            fn, future = self._calls.get_nowait()
-        except queue.Empty:
-            return False
-        if future.set_running_or_notify_cancel():
+    def _run_calls(self) -> bool:
+        """Start the queued calls, then run the chunked ones in turn for up to one step's time budget (at
+        least one chunk). True when there was any call."""
+        ran = False
+        if self._cancel_calls:
+            self._cancel_calls = False
+            self._fail_queued_calls(RuntimeError("cancelled: the server is shutting down"))
+        while not self._calls.empty() and not self._stopping:
+            fn, future = self._calls.get()
+            ran = True
+            if future.cancelled():
+                continue
             try:
-                future.set_result(fn())
+                result = fn()
             except Exception as e:  # noqa: BLE001 (whatever fn raised is its caller's to handle)
-                future.set_exception(e)
-        return True
+                _settle(future, error=e)
+                continue
+            if inspect.isgenerator(result):
+                self._chunked.append((result, future))
+            else:
+                _settle(future, result)
+        clock = self.engine.clock
+        until = clock() + (self.engine.max_step_s or 0.0)  # untimed engine: one chunk between steps
+        while self._chunked and not self._stopping:
+            chunks, future = self._chunked[0]
+            ran = True
+            if future.cancelled():  # pending while its chunks run, so a caller's cancel() lands
+                self._chunked.popleft()
+                chunks.close()
+                continue
+            try:
+                next(chunks)
+            except StopIteration as done:
+                self._chunked.popleft()
+                _settle(future, done.value)
+            except Exception as e:  # noqa: BLE001
+                self._chunked.popleft()
+                _settle(future, error=e)
+            else:
+                self._chunked.rotate(-1)
+            if clock() >= until:
+                break
+        return ran
 
-    def _fail_queued_calls(self) -> None:
-        """Stopped: calls still queued will never run."""
+    def _fail_queued_calls(self, stopped: Exception | None = None) -> None:
+        """Calls still queued or in progress will never end (stopped, or cancelled by a drain)."""
+        stopped = stopped or RuntimeError("the engine thread has stopped")
+        while self._chunked:
+            _settle(self._chunked.popleft()[1], error=stopped)
         while not self._calls.empty():
-            _, future = self._calls.get()
-            if future.set_running_or_notify_cancel():
-                future.set_exception(RuntimeError("the engine thread has stopped"))
+            _settle(self._calls.get()[1], error=stopped)
+
+
+def _settle(future: Future, result=None, error: Exception | None = None) -> None:
+    """Give a (still pending) Future its result or exception, unless it was cancelled."""
+    if future.set_running_or_notify_cancel():
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)

@@ -109,7 +109,7 @@ class AccessLog(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
 
             async def behavior(request, context):
-                record = _begin(request)
+                record = _begin(request, context)
                 try:
                     async for response in inner(request, context):
                         yield response
@@ -123,7 +123,7 @@ class AccessLog(grpc.aio.ServerInterceptor):
         else:
 
             async def behavior(request, context):
-                record = _begin(request)
+                record = _begin(request, context)
                 try:
                     response = await inner(request, context)
                     record["status"] = _code(context)
@@ -137,10 +137,16 @@ class AccessLog(grpc.aio.ServerInterceptor):
         return _rebuild(handler, behavior)
 
 
-def _begin(request) -> dict:
+def _begin(request, context) -> dict:
     """A new record for this RPC. gRPC runs each RPC in a task of its own, so the context variable set here
     is this RPC's alone (no reset needed)."""
-    record = {"start": time.perf_counter(), "request_id": getattr(request, "request_id", "")}
+    # the peer is read now: once a cancelled call is torn down, context.peer() can crash grpcio (a segfault
+    # seen with hundreds of client-cancelled streams)
+    record = {
+        "start": time.perf_counter(),
+        "request_id": getattr(request, "request_id", ""),
+        "peer": context.peer(),
+    }
     _current.set(record)
     return record
 
@@ -164,7 +170,7 @@ def _end(method: str, context, record: dict) -> None:
     rid = record.get("request_id") or "-"
     line = (
         f"{sanitize(method.rsplit('/', 1)[-1])} id={sanitize(rid)} status={record['status']} "
-        f"{ms:.0f} ms peer={sanitize(context.peer())}"
+        f"{ms:.0f} ms peer={sanitize(record['peer'])}"
     )
     if record.get("detail"):
         line += ": " + sanitize(record["detail"], MAX_LINE_CHARS)

@@ -1,20 +1,30 @@
-"""Prometheus metrics (text format over HTTP, prometheus-client), one registry per server."""
+"""Prometheus metrics (text format over HTTP, prometheus-client), one registry per server.
+
+/metrics is answered on the server's event loop (prometheus-client's own server starts a thread per
+connection: 400 idle connections made 413 threads): at most MAX_CONNECTIONS at once, each closed after one
+answer or after IDLE_TIMEOUT_S without a complete request.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     ProcessCollector,
-    start_http_server,
+    generate_latest,
 )
 
 from nextword.server.memory import resident_bytes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+MAX_CONNECTIONS = 256  # each an idle coroutine at most; past it, new ones are closed at once
+IDLE_TIMEOUT_S = 5.0
 
 
 class Metrics:
@@ -46,10 +56,39 @@ class Metrics:
         self.weights_bytes.set(engine.model.checkpoint.nbytes)
         self.kv_resident.set_function(lambda: resident_bytes(engine.cache.k + engine.cache.v))
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Expose /metrics over HTTP on a daemon thread; returns the port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
-        return server.server_port
+    async def serve(self, port: int, host: str = "127.0.0.1", idle_timeout_s: float = IDLE_TIMEOUT_S) -> int:
+        """Expose /metrics over HTTP on the running event loop; returns the port."""
+        slots = asyncio.Semaphore(MAX_CONNECTIONS)
+
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if slots.locked():  # full: close at once rather than queue
+                writer.close()
+                return
+            async with slots:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), idle_timeout_s)
+                    method, path = (head.split(b" ", 2) + [b"", b""])[:2]
+                    if method == b"GET" and path.split(b"?")[0] in (b"/metrics", b"/"):
+                        body, status = generate_latest(self.registry), b"200 OK"
+                    else:
+                        body, status = b"not found\n", b"404 Not Found"
+                    writer.write(
+                        b"HTTP/1.1 " + status + b"\r\nContent-Type: " + CONTENT_TYPE_LATEST.encode()
+                        + b"\r\nContent-Length: " + str(len(body)).encode()
+                        + b"\r\nConnection: close\r\n\r\n" + body
+                    )  # fmt: skip
+                    await asyncio.wait_for(writer.drain(), idle_timeout_s)
+                except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                    pass  # idle, cut short or too long: closed
+                finally:
+                    writer.close()
+
+        self._http = await asyncio.start_server(answer, host, port, limit=16 << 10)
+        return self._http.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if getattr(self, "_http", None):
+            self._http.close()
 
     def observe_step(self, engine) -> None:
         """After each engine step (engine thread)."""

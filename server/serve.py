@@ -2,8 +2,9 @@
 
 Start-up order: bind the port at once (health NOT_SERVING, RPCs UNAVAILABLE), load the model and compile/warm
 the kernels on a worker thread, start the engine thread, then go SERVING and print one ready line.
-Shutdown (SIGINT/SIGTERM): NOT_SERVING, refuse new requests, let in-flight ones finish within the grace
-period (then they are cancelled and the engine drops them), stop the engine thread, exit 0.
+Shutdown (SIGINT/SIGTERM): NOT_SERVING, refuse new requests (UNAVAILABLE; the port stays open), let in-flight
+ones finish within the grace period (then they are cancelled: streams end with FINISH_REASON_CANCELLED), stop
+the engine thread, exit 0. A second signal exits at once (status 1).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -26,6 +28,7 @@ from nextword.client.client import is_loopback_host
 from nextword.kernels import isa
 from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
+from nextword.server.guard import MAX_METADATA_BYTES, RequestGuard
 from nextword.server.interceptors import AccessLog, TokenAuth
 from nextword.server.metrics import Metrics
 from nextword.server.sampling import SamplingParams
@@ -37,17 +40,19 @@ log = logging.getLogger("nextword.serve")
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: Path
+    model: Path | None  # None: the default model, fetched and imported on first use (after the port is bound)
     weights: str = "q4"  # f32 | int8 | q4: q4 decodes 4x faster than f32 at +1.3% perplexity (benchmarks/)
     host: str = "127.0.0.1"
     port: int = 50051
     kv_cache_tokens: int = 16384
     max_batch_tokens: int = 1024
+    max_step_ms: float | None = 200  # a step's work, in time: how long a decoding stream may wait for others
     max_context: int | None = None  # default: the model's
     max_top_n: int = 20
     max_queue: int = 256
     max_request_bytes: int = 1 << 20
     grace_s: float = 10.0
+    handshake_timeout_s: float = 10.0  # for a new connection to send its HTTP/2 preface
     metrics_port: int | None = 9464  # Prometheus /metrics; None = off, 0 = any free port
     metrics_host: str = "127.0.0.1"  # loopback whatever `host` is: metrics are not for the public
     tls_cert: Path | None = None  # PEM certificate chain and key: serve TLS instead of plaintext
@@ -60,6 +65,7 @@ class ServerConfig:
         """The start-up configuration line (the token itself is never printed)."""
         shown = {k: v for k, v in vars(self).items() if k != "token"}
         shown["token"] = "set" if self.token else "none"
+        shown["model"] = self.model or "default"  # fetched and imported once the port is bound
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
     @property
@@ -124,11 +130,16 @@ class NextwordServer:
     async def start(self) -> int:
         """Bind and start answering (NOT_SERVING); the model loads in the background. Returns the port."""
         c = self.config
-        interceptors = [AccessLog()] + ([TokenAuth(c.token)] if c.token else [])
+        interceptors = (
+            [AccessLog()] + ([TokenAuth(c.token)] if c.token else []) + [RequestGuard(self.service)]
+        )
         credentials = _server_credentials(c)
         self._server = grpc.aio.server(
             interceptors=interceptors,
             options=[
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                # a connection that never completes its HTTP/2 handshake is closed after this
+                ("grpc.server_handshake_timeout_ms", int(c.handshake_timeout_s * 1000)),
                 ("grpc.max_receive_message_length", c.max_request_bytes),
                 ("grpc.max_send_message_length", 64 << 20),
                 ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
@@ -160,7 +171,7 @@ class NextwordServer:
             )
         if c.metrics_port is not None:  # before start(): a failure here leaves nothing running
             try:
-                self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
+                self.metrics_port = await self.metrics.serve(c.metrics_port, c.metrics_host)
             except OSError as e:
                 reason = "in use" if e.errno == errno.EADDRINUSE else e.strerror
                 raise StartupError(
@@ -194,10 +205,11 @@ class NextwordServer:
     def _load_engine(self) -> Engine:
         c = self.config
         return Engine.load(
-            c.model,
+            c.model or _default_model(),
             weights=c.weights,
             kv_cache_tokens=c.kv_cache_tokens,
             max_batch_tokens=c.max_batch_tokens,
+            max_step_s=None if c.max_step_ms is None else c.max_step_ms / 1000,
             max_context=c.max_context,
             max_top_n=c.max_top_n,
             max_queue=c.max_queue,
@@ -211,14 +223,47 @@ class NextwordServer:
             raise self.loading.exception()
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new work, finish or cancel in-flight requests, stop the engine."""
+        """Drain, as the proto says: health NOT_SERVING and new requests UNAVAILABLE while the port stays
+        open (clients and load balancers see why), in-flight requests run for up to the grace period, then
+        the engine cancels the rest, whose streams end with a FINISH_REASON_CANCELLED event; then the
+        server stops and the engine thread with it."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (self.config.grace_s if grace_s is None else grace_s)
         await self.health.enter_graceful_shutdown()
-        self.service.draining = True
-        await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+        self.service.drain()
         if self.loading and not self.loading.done():
             self.loading.cancel()
-        if self.runner:
-            await asyncio.to_thread(self.runner.stop)
+        runner = self.runner
+        if runner:
+            while _in_flight(runner) and loop.time() < until:
+                await asyncio.sleep(DRAIN_POLL_S)
+            if _in_flight(runner):
+                runner.cancel_all("cancelled")
+                cancelled_by = loop.time() + CANCEL_WAIT_S
+                while _in_flight(runner) and loop.time() < cancelled_by:
+                    await asyncio.sleep(DRAIN_POLL_S)
+        # the handlers deliver their last events, then every call is closed
+        await self._server.stop(FINAL_EVENTS_S)
+        self.metrics.close()
+        if runner:
+            await asyncio.to_thread(runner.stop)
+
+
+def _default_model() -> Path:
+    """Fetch and import the default model if needed (minutes on a first start): clients meanwhile see
+    NOT_SERVING / UNAVAILABLE on the bound port, not "connection refused"."""
+    from nextword.weights.default_model import ensure_default_model
+
+    return ensure_default_model(progress=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+DRAIN_POLL_S = 0.05
+CANCEL_WAIT_S = 5.0  # cancelled sequences leave at the next engine step: one step, well under this
+FINAL_EVENTS_S = 1.0  # for handlers to send the final events of their finished sequences
+
+
+def _in_flight(runner: EngineThread) -> bool:
+    return runner.engine.live_sequences > 0 or runner.pending_calls > 0
 
 
 def _warm(engine: Engine) -> None:
@@ -241,7 +286,7 @@ async def serve(config: ServerConfig) -> int:
     )
     print(
         f"nextword: listening on {config.host}:{server.port}{' with TLS' if config.tls_cert else ''}{metrics}, "
-        f"loading {config.model} ...",
+        f"loading {config.model or 'the default model'} ...",
         flush=True,
     )
     if config.exposed_in_clear:
@@ -257,8 +302,15 @@ async def serve(config: ServerConfig) -> int:
         )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal():
+        if stop.is_set():  # a second signal: the user does not want to wait for the drain
+            print("nextword: second signal, exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     waiting = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiting, server.loading}, return_when="FIRST_COMPLETED")
     if server.loading.done() and server.loading.exception():

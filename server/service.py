@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 from google.protobuf import any_pb2
@@ -48,6 +50,12 @@ MAX_EMBED_TEXTS = 64
 MAX_EMBED_TOKENS = 1024  # all texts of one Embed together: the engine stops for each text's forward
 MAX_ATTENTION_TOKENS = 512  # the [T, T] matrix, and L x H x T x T weights to compute
 MAX_NEAREST_TERMS = 16
+# Flow control: a stream whose events wait unsent (the client does not read: gRPC's window is full) is paused
+# in the engine past this many, resumed when half are sent, and cancelled after the engine's max_paused_s.
+MAX_UNSENT_EVENTS = 32
+MAX_DROPPED_IDS = 64  # a Session's requests superseded before they started, still to be answered
+INLINE_TOKENIZE_CHARS = 4096  # ~1 ms of tokenizing: shorter texts are not worth a thread hop
+MAX_TERM_WEIGHT = 1e6  # 16 terms of this weight sum far below float32's range (embeddings are ~1)
 
 
 class RequestError(Exception):
@@ -88,6 +96,15 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         self.draining = False
         self.max_request_bytes = max_request_bytes
         self.metrics = metrics or Metrics()
+        # One thread: big texts are tokenized one after another, beside the engine, never on the event loop.
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="nextword-tokenize")
+        self._sessions: set[asyncio.Queue] = set()  # the inboxes of the open Sessions
+
+    def drain(self) -> None:
+        """Refuse new requests (UNAVAILABLE); each Session stops reading and ends after its live request."""
+        self.draining = True
+        for inbox in self._sessions:
+            inbox.put_nowait(("end", None))
 
     async def _abort(self, context, error: RequestError):
         self.metrics.observe_error(error.code.name)
@@ -117,7 +134,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
     async def NextTokenProbabilities(self, request, context):
         try:
             engine = self._engine()
-            prompt = self._prompt(request.prompt)
+            prompt = await self._prompt(request.prompt)
             params = SamplingParams(top_n=request.top_n)
             dist: Distribution = await self._next_output(prompt, params, probs_only=True)
         except RequestError as e:
@@ -134,14 +151,15 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             tok = self._engine().tokenizer
             which = request.WhichOneof("input")
             if which == "chat":
-                ids = self._chat_ids(request.chat, "chat")
+                ids = await self._chat_ids(request.chat, "chat")
             elif request.text:
-                ids = tok.encode(request.text)
+                ids = await self._encode(request.text)
             else:
                 raise invalid("text", "give text or chat messages to tokenize")
         except RequestError as e:
             await self._abort(context, e)
-        return pb.TokenizeResponse(ids=ids, tokens=[tok.token_text(i) for i in ids])
+        tokens = await self._off_loop(len(ids), lambda: [tok.token_text(i) for i in ids])
+        return pb.TokenizeResponse(ids=ids, tokens=tokens)
 
     async def Detokenize(self, request, context):
         try:
@@ -205,7 +223,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             for i, text in enumerate(request.texts):
                 if not text:
                     raise invalid(f"texts[{i}]", f"texts[{i}] is empty")
-                token_ids.append(tok.encode(text))
+                token_ids.append(await self._encode(text))
                 if len(token_ids[-1]) > engine.max_context:
                     raise invalid(
                         f"texts[{i}]",
@@ -217,7 +235,14 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                     "texts", f"the texts have {total} tokens together; Embed takes {MAX_EMBED_TOKENS}"
                 )
             started = time.perf_counter()
-            results = [await self._inspect(inspection.embed, engine.model, ids, layer) for ids in token_ids]
+
+            def embed_all(model):  # one layer of one text per chunk
+                results = []
+                for ids in token_ids:
+                    results.append((yield from inspection.embed_chunks(model, ids, layer)))
+                return results
+
+            results = await self._inspect(embed_all, engine.model)
         except RequestError as e:
             await self._abort(context, e)
         note(detail=f"{len(token_ids)} texts, {total} tokens, {_ms_since(started):.0f} ms")
@@ -249,8 +274,11 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                     self._check_ids([term.token_id], f"terms[{i}].token_id")
                 ids.append(term.token_id if which == "token_id" else tok.encode(term.text)[0])
                 weights.append(term.weight if term.HasField("weight") else 1.0)
-                if not math.isfinite(weights[-1]):
-                    raise invalid(f"terms[{i}].weight", f"terms[{i}].weight must be finite")
+                if not abs(weights[-1]) <= MAX_TERM_WEIGHT:  # the sum must stay finite in float32
+                    raise invalid(
+                        f"terms[{i}].weight",
+                        f"terms[{i}].weight must be finite, in [-{MAX_TERM_WEIGHT:g}, {MAX_TERM_WEIGHT:g}]",
+                    )
             if not 1 <= request.top_n <= engine.max_top_n:
                 raise invalid("top_n", f"top_n must be in 1..{engine.max_top_n}, got {request.top_n}")
             exclude = () if request.include_terms else ids
@@ -276,7 +304,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         try:
             engine = self._engine()
             c = engine.config
-            ids = self._prompt(request.prompt)
+            ids = await self._prompt(request.prompt)
             limit = min(MAX_ATTENTION_TOKENS, engine.max_context)
             if len(ids) > limit:
                 raise invalid("prompt", f"the prompt has {len(ids)} tokens; Attention takes at most {limit}")
@@ -287,7 +315,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             if head is not None and head >= c.num_heads:
                 raise invalid("head", f"head must be in 0..{c.num_heads - 1}, got {head}")
             started = time.perf_counter()
-            weights = await self._inspect(inspection.attention, engine.model, ids, layer, head)
+            weights = await self._inspect(inspection.attention_chunks, engine.model, ids, layer, head)
         except RequestError as e:
             await self._abort(context, e)
         note(detail=f"{len(ids)} tokens, layer {layer}, head {head}, {_ms_since(started):.0f} ms")
@@ -313,10 +341,18 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
 
     async def _generate(self, request):
         queue: asyncio.Queue = asyncio.Queue()
-        gen = self._start(request, lambda gen, step: queue.put_nowait(step))
+
+        def deliver(gen, step):
+            queue.put_nowait(step)
+            if queue.qsize() >= MAX_UNSENT_EVENTS:  # the client is not reading: stop generating for it
+                self.runner.pause(gen.seq)
+
+        gen = await self._start(request, deliver)
         try:
             while True:
                 step = await queue.get()
+                if queue.qsize() <= MAX_UNSENT_EVENTS // 2:
+                    self.runner.resume(gen.seq)
                 event = gen.event(step)
                 yield event
                 if event.HasField("finish"):
@@ -324,34 +360,56 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         finally:
             gen.cancel_unless_finished()
 
-    def _start(self, request, deliver) -> _Generation:
+    async def _start(self, request, deliver) -> _Generation:
         """Validate a GenerateRequest and submit it; each engine output is passed to deliver(gen, output)
         on the event loop."""
         self._engine()  # UNAVAILABLE while loading or draining
         gen = _Generation(self, request)
         note(request_id=gen.request_id)
-        prompt = self._prompt(request.prompt)
+        prompt = await self._prompt(request.prompt)
         params = self._sampling(request)
         gen.seq = self._submit(prompt, params, lambda out: deliver(gen, out), request_id=gen.request_id)
         return gen
 
     async def Session(self, request_iterator, context):
-        inbox: asyncio.Queue = asyncio.Queue()  # ("request", GenerateRequest) | ("end", None) | (gen, step)
+        inbox: asyncio.Queue = asyncio.Queue()  # ("request", None) | ("end", None) | (gen, step)
+        # Only the newest request not yet started is kept: each one supersedes the last, so a flood of
+        # requests (or a client that does not read its events) holds one request's memory and at most one
+        # place in the engine's queue. The ids of the ones dropped get their SUPERSEDED event later (the
+        # last MAX_DROPPED_IDS of them: a flood is not remembered in full either).
+        pending: list = []
+        dropped: deque[str] = deque(maxlen=MAX_DROPPED_IDS)
 
         async def read():
             async for request in request_iterator:
-                inbox.put_nowait(("request", request))
+                if not pending:
+                    inbox.put_nowait(("request", None))
+                elif not isinstance(pending[0], RequestError):
+                    dropped.append(pending[0].request_id)
+                pending[:] = [request]
             inbox.put_nowait(("end", None))
 
         reader = asyncio.create_task(read())
         live: _Generation | None = None  # the request in flight
         ended = False
+        self._sessions.add(inbox)
         try:
             while not (ended and live is None):
                 tag, item = await inbox.get()
                 if tag == "end":
                     ended = True
+                elif tag == "request" and ended:  # draining: no new request
+                    pending.clear()
                 elif tag == "request":
+                    item = pending.pop()
+                    while dropped:
+                        superseded = pb.Finish(reason=pb.FINISH_REASON_SUPERSEDED)
+                        yield pb.SessionEvent(
+                            generate=pb.GenerateEvent(request_id=dropped.popleft(), finish=superseded)
+                        )
+                    if isinstance(item, RequestError):  # malformed or oversized (server/guard.py)
+                        yield _session_error("", item)
+                        continue
                     if live is not None and live.continues_into(item):
                         self.metrics.continued.inc()
                         yield pb.SessionEvent(generate=live.supersede_event())
@@ -360,7 +418,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                             yield pb.SessionEvent(generate=catch_up)
                         continue
                     try:
-                        gen = self._start(item, lambda gen, step: inbox.put_nowait((gen, step)))
+                        gen = await self._start(item, lambda gen, step: inbox.put_nowait((gen, step)))
                     except RequestError as e:
                         yield _session_error(item.request_id, e)
                         continue
@@ -379,6 +437,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                     if gen is live and (failed or step.finish):
                         live = None
         finally:
+            self._sessions.discard(inbox)
             reader.cancel()
             if live is not None:
                 live.cancel_unless_finished()
@@ -413,20 +472,20 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
 
     # ---- protobuf -> domain ----
 
-    def _prompt(self, prompt) -> list[int]:
+    async def _prompt(self, prompt) -> list[int]:
         which = prompt.WhichOneof("input")
         if which is None:
             raise invalid("prompt", "prompt is required: set prompt.text, prompt.token_ids or prompt.chat")
         if which == "text":
             if not prompt.text:
                 raise invalid("prompt.text", "prompt.text is empty")
-            return self.runner.engine.tokenizer.encode(prompt.text)
+            return await self._encode(prompt.text)
         if which == "token_ids":
             self._check_ids(prompt.token_ids.ids, "prompt.token_ids")
             return list(prompt.token_ids.ids)
-        return self._chat_ids(prompt.chat, "prompt.chat")
+        return await self._chat_ids(prompt.chat, "prompt.chat")
 
-    def _chat_ids(self, chat, field: str) -> list[int]:
+    async def _chat_ids(self, chat, field: str) -> list[int]:
         tok = self.runner.engine.tokenizer
         if not tok.chat_template:
             raise invalid(field, "this model has no chat template")
@@ -436,10 +495,23 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             if not m.role:
                 raise invalid(f"{field}.messages[{i}].role", f"message {i} has no role")
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
+        messages_text = [m.content for m in chat.messages]
         try:
-            return tok.encode_chat(messages, special_tokens_in_content=chat.special_tokens_in_content)
+            special = chat.special_tokens_in_content
+            encode = partial(tok.encode_chat, messages, special_tokens_in_content=special)
+            return await self._off_loop(sum(map(len, messages_text)), encode)
         except ValueError as e:  # the template refused the conversation (raise_exception in the template)
             raise invalid(field, f"the chat template failed: {e}") from None
+
+    async def _encode(self, text: str) -> list[int]:
+        return await self._off_loop(len(text), self.runner.engine.tokenizer.encode, text)
+
+    async def _off_loop(self, size: int, fn, *args):
+        """fn(*args) inline when `size` (characters) is small, else on the tokenizing thread: a 1 MB text
+        takes ~0.5 s to tokenize, which would stall every stream and health check on this event loop."""
+        if size <= INLINE_TOKENIZE_CHARS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     def _check_ids(self, ids, field: str) -> None:
         V = self.runner.engine.config.vocab_size

@@ -44,7 +44,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. <|im_start|>) become their ids."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) <= 4096:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode does not): a big text tokenized on a
+        # worker thread then leaves the event loop and the engine running
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -335,6 +335,13 @@ def test_ensure_imports_once(offline, tmp_path, monkeypatch):
     dest = default_model.ensure_default_model(tmp_path, progress=lines.append)
     assert dest == tmp_path / "models" / default_model.DEFAULT_MODEL
     assert (dest / ".complete").read_text().strip() == default_model.GGUF_SHA256
+    manifest = json.loads((dest / ".manifest.json").read_text())
+    assert "model.safetensors" in manifest["files"]
+    for name, entry in manifest["files"].items():  # against an independent hash of what is on disk
+        assert entry == {
+            "size": (dest / name).stat().st_size,
+            "sha256": hashlib.sha256((dest / name).read_bytes()).hexdigest(),
+        }
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         f.name for f in dest.iterdir()
     }
@@ -476,3 +483,28 @@ def test_pull_command_imports_into_nextword_home(offline, tiny, tmp_path, monkey
     assert main(["pull", "--home", str(tmp_path / "home")]) == 0
     assert capsys.readouterr().out.strip() == str(dest)  # nothing to do: the path alone
     assert (dest / "model.safetensors").stat().st_mtime_ns == mtime  # not imported again
+
+
+def test_a_damaged_import_is_found_and_repaired(offline, tmp_path):
+    """Issue 10 item 13: a truncated file is found by the cheap size check (serve), a same-size corruption
+    by the hash check (pull, verify=True); both are imported again."""
+    dest = default_model.ensure_default_model(tmp_path, progress=None)
+    weights = dest / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    lines = []
+    assert default_model.ensure_default_model(tmp_path, progress=lines.append) == dest
+    assert weights.read_bytes() == good and "does not match its manifest" in lines[0]
+
+    weights.write_bytes(good[:-4] + b"\0\0\0\0")  # same size, other bytes
+    assert default_model.ensure_default_model(tmp_path, progress=None) == dest  # sizes only: not seen
+    assert weights.read_bytes() != good
+    assert default_model.ensure_default_model(tmp_path, progress=None, verify=True) == dest
+    assert weights.read_bytes() == good
+
+
+def test_an_import_without_a_manifest_gets_one(offline, tmp_path):
+    dest = default_model.ensure_default_model(tmp_path, progress=None)
+    (dest / ".manifest.json").unlink()  # imported before manifests existed
+    assert default_model.ensure_default_model(tmp_path, progress=None) == dest
+    assert "model.safetensors" in json.loads((dest / ".manifest.json").read_text())["files"]

@@ -42,7 +42,7 @@ def loaded(folder):
 @pytest.fixture(scope="module")
 def server(folder):
     with running_server(
-        model=folder, weights="f32", kv_cache_tokens=2048, max_batch_tokens=MAX_BATCH_TOKENS
+        model=folder, weights="f32", kv_cache_tokens=2048, max_batch_tokens=MAX_BATCH_TOKENS, max_step_ms=None
     ) as srv:
         yield srv
 
@@ -209,7 +209,7 @@ def test_a_long_prompt_is_prefilled_in_chunks(client, server, folder, loaded):
     expect = ref.log_softmax(ref.reference_logits(loaded, ids)[-1])
     np.testing.assert_allclose(probs.logprobs, expect, rtol=0, atol=F32_BOUND)
 
-    whole = Engine.load(folder, weights="f32", kv_cache_tokens=1024, max_batch_tokens=1024)
+    whole = Engine.load(folder, weights="f32", kv_cache_tokens=1024, max_batch_tokens=1024, max_step_s=None)
     steps = list(whole.generate(ids, SamplingParams(max_new_tokens=N, temperature=0.0, ignore_eos=True)))
     assert whole.steps == N  # unchunked: the prompt in one step
     assert [s.token.token_id for s in steps] == generated(client, ids)[0]
@@ -218,8 +218,11 @@ def test_a_long_prompt_is_prefilled_in_chunks(client, server, folder, loaded):
 def test_prompts_share_the_token_budget(folder):
     """Three long prompts and a decoding sequence at once: no step carries more than --max-batch-tokens, and
     every result equals its unchunked run."""
-    chunked = Engine.load(folder, weights="f32", kv_cache_tokens=1024, max_batch_tokens=MAX_BATCH_TOKENS)
-    whole = Engine.load(folder, weights="f32", kv_cache_tokens=1024, max_batch_tokens=1024)
+    # Steps sized in tokens only (max_step_s=None), so the chunk sizes asserted below are the budget's.
+    chunked = Engine.load(
+        folder, weights="f32", kv_cache_tokens=1024, max_batch_tokens=MAX_BATCH_TOKENS, max_step_s=None
+    )
+    whole = Engine.load(folder, weights="f32", kv_cache_tokens=1024, max_batch_tokens=1024, max_step_s=None)
     params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
     prompts = [[5 + i, *range(20 + i, 60 + i)] for i in range(3)] + [[7, 8]]
     outs = [[] for _ in prompts]

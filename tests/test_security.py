@@ -273,7 +273,9 @@ def test_exposed_in_clear_is_what_the_warning_checks(tiny):
 
 
 def test_one_sanitized_log_line_per_request_for_every_rpc(tls_server, pki, caplog):
-    forged = "abc\x1b[2J\n2026-01-01 00:00:00 INFO nextword.requests: Generate id=admin status=OK" + "x" * 500
+    forged = (
+        "abc\x1b[2J\n2026-01-01 00:00:00 INFO nextword.requests: Generate id=admin status=OK" + "x" * 45
+    )  # 124 characters: request ids longer than 128 are refused (server/guard.py)
     with caplog.at_level(logging.INFO, logger="nextword.requests"):
         with Client(target(tls_server), tls_ca=pki["ca"], token=TOKEN, timeout=30) as c:
             list(c.generate("Hello", max_new_tokens=2, request_id=forged))
@@ -296,7 +298,7 @@ def test_one_sanitized_log_line_per_request_for_every_rpc(tls_server, pki, caplo
     generate = [line for line in lines if line.startswith("Generate ")]
     assert len(generate) == 2
     assert generate[0].startswith("Generate id=abc\\x1b[2J\\n2026-01-01") and "... status=OK " in generate[0]
-    assert "x" * 100 not in generate[0] and "generated tokens" in generate[0]  # the id is capped
+    assert "x" * 40 not in generate[0] and "generated tokens" in generate[0]  # the id is capped
     assert "id=bad-top-p status=INVALID_ARGUMENT" in generate[1]
     assert any(line.startswith("NextTokenProbabilities ") and "status=OK" in line for line in lines)
     assert sum(line.startswith("Tokenize ") for line in lines) == 2

