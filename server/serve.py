@@ -9,9 +9,11 @@ period (then they are cancelled and the engine drops them), stop the engine thre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,6 +29,8 @@ from nextword.client.client import is_loopback_host
 from nextword.kernels import isa
 from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
+from nextword.server.frontend import Frontend
+from nextword.server.http_api import create_app
 from nextword.server.interceptors import AccessLog, TokenAuth
 from nextword.server.metrics import Metrics
 from nextword.server.sampling import SamplingParams
@@ -49,6 +54,7 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20
     grace_s: float = 10.0
     metrics_port: int | None = 9464  # Prometheus /metrics; None = off, 0 = any free port
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None = off, 0 = any free port
     metrics_host: str = "127.0.0.1"  # loopback whatever `host` is: metrics are not for the public
     tls_cert: Path | None = None  # PEM certificate chain and key: serve TLS instead of plaintext
     tls_key: Path | None = None
@@ -112,13 +118,18 @@ class NextwordServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.metrics = Metrics()
-        self.service = InferenceService(config.max_request_bytes, self.metrics)
+        self.frontend = Frontend(self.metrics)  # what the gRPC servicer and the HTTP app share
+        self.service = InferenceService(self.frontend, config.max_request_bytes)
         self.metrics_port: int | None = None
         self.health = health.aio.HealthServicer()
         self.runner: EngineThread | None = None
         self.ready = asyncio.Event()
         self.port: int | None = None
+        self.http_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_socket: socket.socket | None = None
+        self._http_loop: asyncio.Task | None = None
         self.loading: asyncio.Task | None = None
 
     async def start(self) -> int:
@@ -168,8 +179,37 @@ class NextwordServer:
                     "--metrics-port (0 = any free port, -1 = no metrics) or --metrics-host"
                 ) from e
         await self._server.start()
+        if c.http_port is not None:
+            await self._start_http()
         self.loading = asyncio.create_task(self._load())
         return self.port
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible API: uvicorn on this event loop (no signal handlers of its own: serve()
+        owns SIGINT/SIGTERM), on a socket bound here so that port 0 reports the port it got."""
+        c = self.config
+        family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
+        self._http_socket = socket.create_server((c.host, c.http_port), family=family)
+        self.http_port = self._http_socket.getsockname()[1]
+        app = create_app(self.frontend, c.max_request_bytes)
+        config = uvicorn.Config(
+            app, lifespan="off", access_log=False, log_config=None, timeout_graceful_shutdown=c.grace_s
+        )
+        self._http = _Uvicorn(config)
+        self._http_loop = asyncio.create_task(self._http.serve(sockets=[self._http_socket]))
+        while not self._http.started and not self._http_loop.done():
+            await asyncio.sleep(0.005)
+        if self._http_loop.done():
+            self._http_loop.result()  # its start-up failed: raise that
+
+    async def _stop_http(self, grace_s: float) -> None:
+        """Stop accepting, let open responses finish within grace_s, then cancel them (freeing their
+        sequences)."""
+        if self._http is None:
+            return
+        self._http.config.timeout_graceful_shutdown = grace_s
+        self._http.should_exit = True
+        await self._http_loop
 
     async def _load(self) -> None:
         started = time.perf_counter()
@@ -178,7 +218,7 @@ class NextwordServer:
         runner = EngineThread(engine, on_step=self.metrics.observe_step)
         runner.start()
         await asyncio.wrap_future(runner.call(lambda: _warm(engine)))
-        self.runner = self.service.runner = runner
+        self.runner = self.frontend.runner = runner
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
@@ -213,12 +253,19 @@ class NextwordServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new work, finish or cancel in-flight requests, stop the engine."""
         await self.health.enter_graceful_shutdown()
-        self.service.draining = True
-        await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+        self.frontend.draining = True
+        grace_s = self.config.grace_s if grace_s is None else grace_s
+        await asyncio.gather(self._server.stop(grace_s), self._stop_http(grace_s))
         if self.loading and not self.loading.done():
             self.loading.cancel()
         if self.runner:
             await asyncio.to_thread(self.runner.stop)
+
+
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # serve() owns SIGINT and SIGTERM: uvicorn must not take them over
+        yield
 
 
 def _warm(engine: Engine) -> None:
@@ -239,6 +286,8 @@ async def serve(config: ServerConfig) -> int:
         if server.metrics_port
         else ""
     )
+    if server.http_port:
+        metrics += f", OpenAI-compatible HTTP on http://{config.host}:{server.http_port}/v1"
     print(
         f"nextword: listening on {config.host}:{server.port}{' with TLS' if config.tls_cert else ''}{metrics}, "
         f"loading {config.model} ...",
