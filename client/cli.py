@@ -340,6 +340,13 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
         help="plain requests, a storm of cancelled ones, or editor users typing (one Session each)",
     )
     g.add_argument(
+        "--protocol",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="http: --target is an OpenAI-compatible server (nextword serve --http-port, llama-server, "
+        "vLLM), driven with streamed /v1/completions (default grpc)",
+    )
+    g.add_argument(
         "--cancel-fraction",
         type=float,
         default=0.5,
@@ -819,6 +826,7 @@ def run_load(args: argparse.Namespace) -> int:
     try:
         config = load.LoadConfig(
             target=args.target,
+            protocol=args.protocol,
             concurrency=args.concurrency,
             rate=args.rate,
             max_inflight=args.max_inflight,

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API, driven by the official `openai` client, against the gRPC API of the same
 server (the reference: both front ends delegate to the same engine-facing code)."""
 
+import asyncio
 import threading
 
 import httpx
@@ -205,3 +206,16 @@ def test_overload_is_a_429_with_retry_after_and_draining_a_503(tmp_path_factory)
             assert httpx.get(f"http://127.0.0.1:{srv.http_port}/health").status_code == 503
         finally:
             srv.frontend.draining = False
+
+
+def test_load_generator_drives_the_http_api(srv):
+    """`nextword load --protocol http`: the same workload and measurements as over gRPC."""
+    from nextword.client.load import LoadConfig, run_load
+
+    config = LoadConfig(
+        target=f"127.0.0.1:{srv.http_port}", protocol="http", concurrency=2, num_requests=4,
+        prompt_tokens=8, output_tokens=5, seed=1,
+    )  # fmt: skip
+    d = asyncio.run(run_load(config)).to_dict()
+    assert d["completed"] == 4 and d["failed"] == 0 and d["total_output_tokens"] == 20
+    assert d["total_input_tokens"] == 32 and d["protocol"] == "http" and d["median_ttft_ms"] > 0
