@@ -15,6 +15,7 @@ from nextword.client import Client
 
 pytestmark = pytest.mark.real_model
 PROMPT = "The capital of France is"
+HTTP = httpx.Client(timeout=300)  # for the routes the openai client has no method for; a busy machine is slow
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +44,13 @@ def test_models_health_tokenize_detokenize(srv, oai, grpc_client, model):
     info = grpc_client.model_info()
     assert model == info.model_id
     base = f"http://127.0.0.1:{srv.http_port}"
-    assert httpx.get(f"{base}/health").status_code == 200
-    ids = httpx.post(f"{base}/tokenize", json={"prompt": PROMPT}).json()
+    assert HTTP.get(f"{base}/health").status_code == 200
+    ids = HTTP.post(f"{base}/tokenize", json={"prompt": PROMPT}).json()
     assert ids["tokens"] == list(grpc_client.tokenize(PROMPT).ids) and ids["count"] == len(ids["tokens"])
     assert ids["max_model_len"] == info.context_length
-    chat = httpx.post(f"{base}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    chat = HTTP.post(f"{base}/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
     assert chat["tokens"] == list(grpc_client.tokenize([{"role": "user", "content": "Hi"}]).ids)
-    assert httpx.post(f"{base}/detokenize", json={"tokens": ids["tokens"]}).json() == {"prompt": PROMPT}
+    assert HTTP.post(f"{base}/detokenize", json={"tokens": ids["tokens"]}).json() == {"prompt": PROMPT}
 
 
 def test_completion_whole_and_streamed_equal_grpc(srv, oai, grpc_client, model):
@@ -66,7 +67,7 @@ def test_completion_whole_and_streamed_equal_grpc(srv, oai, grpc_client, model):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expect.text
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
-    raw = httpx.post(
+    raw = HTTP.post(
         f"http://127.0.0.1:{srv.http_port}/v1/completions",
         json={"prompt": PROMPT, "max_tokens": 2, "stream": True},
     ).text
@@ -169,7 +170,7 @@ def test_an_abandoned_stream_frees_its_sequence(srv, model):
     before = cancelled._value.get()
     url = f"http://127.0.0.1:{srv.http_port}/v1/completions"
     body = {"model": model, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", url, json=body) as response:
+    with HTTP.stream("POST", url, json=body) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
         assert srv.runner.engine.live_sequences == 1
@@ -203,7 +204,7 @@ def test_overload_is_a_429_with_retry_after_and_draining_a_503(tmp_path_factory)
             with pytest.raises(openai.InternalServerError) as e:
                 oai.completions.create(model="", prompt="hi", max_tokens=2)
             assert e.value.status_code == 503
-            assert httpx.get(f"http://127.0.0.1:{srv.http_port}/health").status_code == 503
+            assert HTTP.get(f"http://127.0.0.1:{srv.http_port}/health").status_code == 503
         finally:
             srv.frontend.draining = False
 
