@@ -227,7 +227,7 @@ class _Api:
         top_n = (body.top_logprobs or 0) if body.logprobs else 0
         if body.top_logprobs and not body.logprobs:
             raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
-        renames = {"top_n": "top_logprobs", "max_new_tokens": "max_tokens"}
+        renames = {"top_n": "top_logprobs", "max_new_tokens": "max_tokens", "prompt": "messages"}
         gens = self._start(body, [prompt], max_tokens, top_n, renames)
         out = _ChatChoices(self, body, prompt)
         if body.stream:

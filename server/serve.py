@@ -193,7 +193,12 @@ class NextwordServer:
         self.http_port = self._http_socket.getsockname()[1]
         app = create_app(self.frontend, c.max_request_bytes)
         config = uvicorn.Config(
-            app, lifespan="off", access_log=False, log_config=None, timeout_graceful_shutdown=c.grace_s
+            app,
+            lifespan="off",
+            access_log=False,  # serve() logs one line per request itself
+            log_config=None,
+            log_level="warning",
+            timeout_graceful_shutdown=c.grace_s,
         )
         self._http = _Uvicorn(config)
         self._http_loop = asyncio.create_task(self._http.serve(sockets=[self._http_socket]))

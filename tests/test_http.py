@@ -180,7 +180,8 @@ def test_an_abandoned_stream_frees_its_sequence(srv, model):
 
 def test_overload_is_a_429_with_retry_after_and_draining_a_503(tmp_path_factory):
     """A server whose queue holds one request: with the engine thread held between two steps, a second
-    waiting request is refused with 429 and Retry-After; while draining, 503."""
+    waiting request is refused with 429 and Retry-After; a body over --max-request-bytes with 413; while
+    draining, 503."""
     folder = tmp_path_factory.mktemp("tiny_llama")
     write_tiny_model(folder, "llama", seed=3)
     with running_server(model=folder, max_queue=1, http_port=0) as srv:
@@ -199,6 +200,10 @@ def test_overload_is_a_429_with_retry_after_and_draining_a_503(tmp_path_factory)
         gate.set()
         waiter.join(30)
         assert first[0].usage.completion_tokens == 2
+        too_big = HTTP.post(
+            f"http://127.0.0.1:{srv.http_port}/v1/completions", json={"prompt": "x" * (1 << 20)}
+        )
+        assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
         srv.frontend.draining = True
         try:
             with pytest.raises(openai.InternalServerError) as e:
