@@ -235,7 +235,12 @@ class Frontend:
             self.metrics.observe_finish(out.finish)
             return out
 
-        results = await asyncio.gather(*(one(*span) for span in spans))
+        tasks = [asyncio.ensure_future(one(*span)) for span in spans]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:  # one window refused or failed, or the caller gone: the others stop too
+            for task in tasks:
+                task.cancel()
         cat = np.concatenate
         return ScoreResult(
             positions=cat([np.arange(first, end) for _, end, first in spans]),

@@ -216,7 +216,7 @@ class _Api:
         out = _CompletionChoices(self, body, prompts, echoed, top_n)
         if body.stream:
             return _sse(out.stream(gens, request), gens)
-        return out.whole(await _collect(gens), len(prompts) * body.n)
+        return out.whole(await _collect(gens, request), len(prompts) * body.n)
 
     async def chat(self, body: ChatRequest, request: Request):
         self.check_model(body.model)
@@ -232,7 +232,7 @@ class _Api:
         out = _ChatChoices(self, body, prompt)
         if body.stream:
             return _sse(out.stream(gens, request), gens)
-        return out.whole(await _collect(gens))
+        return out.whole(await _collect(gens, request))
 
     # ---- translation ----
 
@@ -477,16 +477,27 @@ def _messages(messages: list[ChatMessage]) -> list[dict]:
     return [{"role": m.role, "content": text(m.content)} for m in messages]
 
 
-async def _collect(gens: list[Generation]) -> list[list[Step]]:
+async def _collect(gens: list[Generation], request: Request) -> list[list[Step]]:
+    """Every step of every generation; a client that disconnects first cancels them all (as vLLM's
+    listen_for_disconnect: once the body is read, the next ASGI message is http.disconnect)."""
+
     async def one(gen: Generation) -> list[Step]:
         return [step async for step in gen.steps()]
 
-    tasks = [asyncio.ensure_future(one(gen)) for gen in gens]
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(asyncio.gather(*(one(gen) for gen in gens)))
+    watch = asyncio.ensure_future(disconnected())
     try:
-        return await asyncio.gather(*tasks)
-    finally:  # a failure or a disconnect: cancel the rest
-        for task in tasks:
-            task.cancel()
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise RequestError(grpc.StatusCode.CANCELLED, "the client disconnected")
+        return work.result()
+    finally:  # done, failed or disconnected: nothing is left running
+        watch.cancel()
+        work.cancel()
         for gen in gens:
             gen.close()
 

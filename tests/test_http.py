@@ -163,7 +163,7 @@ def test_unknown_model_is_a_404(oai):
     assert e.value.body["param"] == "model"
 
 
-def test_an_abandoned_stream_frees_its_sequence(srv, model):
+def test_an_abandoned_request_frees_its_sequence(srv, model):
     """A client that leaves a stream half-way: its sequence is cancelled at the engine's next step (2000
     tokens would take far longer than wait_idle's 5 s to finish on their own)."""
     cancelled = srv.metrics.requests.labels("CANCELLED")
@@ -176,6 +176,11 @@ def test_an_abandoned_stream_frees_its_sequence(srv, model):
         assert srv.runner.engine.live_sequences == 1
     assert wait_idle(srv) == 0
     assert cancelled._value.get() == before + 1
+    del body["stream"]  # a whole (unstreamed) response whose client gives up waiting: the same
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(30, read=1))
+    assert wait_idle(srv) == 0
+    assert cancelled._value.get() == before + 2
 
 
 def test_overload_is_a_429_with_retry_after_and_draining_a_503(tmp_path_factory):
