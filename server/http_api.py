@@ -489,6 +489,7 @@ async def _collect(gens: list[Generation], request: Request) -> list[list[Step]]
             pass
 
     work = asyncio.ensure_future(asyncio.gather(*(one(gen) for gen in gens)))
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even when abandoned
     watch = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -605,7 +606,8 @@ def _error_body(e: RequestError) -> dict:
 
 
 def _error_response(frontend: Frontend, e: RequestError) -> JSONResponse:
-    frontend.metrics.observe_error(e.code.name)
+    if e.code != grpc.StatusCode.CANCELLED:  # a client gone was counted when its sequences were cancelled
+        frontend.metrics.observe_error(e.code.name)
     headers = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s is not None else None
     return JSONResponse({"error": _error_body(e)}, status_code=HTTP_STATUS.get(e.code, 500), headers=headers)
 
