@@ -19,6 +19,7 @@ log-probabilities only, as lm-evaluation-harness asks); vLLM's extra sampling fi
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -127,7 +128,7 @@ class DetokenizeRequest(_Body):
 # ---- the app ----
 
 
-def create_app(frontend: Frontend, max_request_bytes: int = 1 << 20) -> FastAPI:
+def create_app(frontend: Frontend, max_request_bytes: int = 1 << 20, token: str | None = None) -> FastAPI:
     app = FastAPI(title="nextword", description="OpenAI-compatible API of a nextword server", docs_url=None)
     api = _Api(frontend)
 
@@ -178,7 +179,7 @@ def create_app(frontend: Frontend, max_request_bytes: int = 1 << 20) -> FastAPI:
         ids = frontend.check_ids(body.tokens, "tokens")
         return {"prompt": engine.tokenizer.decode(ids)}
 
-    return _LimitBody(app, max_request_bytes)
+    return _LimitBody(app, max_request_bytes, token)
 
 
 class _Api:
@@ -613,16 +614,22 @@ def _error_response(frontend: Frontend, e: RequestError) -> JSONResponse:
 
 
 class _LimitBody:
-    """ASGI middleware: a request body larger than the server's --max-request-bytes is refused with 413,
-    however it is sent (Content-Length or chunked)."""
+    """ASGI middleware: with the server's token (--token-file), every route but /health needs it as
+    `Authorization: Bearer <token>` (the OpenAI clients' api_key), else 401; a request body larger than
+    --max-request-bytes is refused with 413, however it is sent (Content-Length or chunked)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, token: str | None = None):
         self.app, self.max_bytes = app, max_bytes
+        self.expected = None if token is None else f"Bearer {token}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers", ())).get(b"content-length")
+        headers = dict(scope.get("headers", ()))
+        authorized = hmac.compare_digest(headers.get(b"authorization", b""), self.expected or b"")
+        if self.expected and scope["path"] != "/health" and not authorized:
+            return await _send_error(send, 401, "a valid bearer token is required", "invalid_api_key")
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._refuse(send)
         seen = 0
@@ -641,19 +648,14 @@ class _LimitBody:
             await self._refuse(send)
 
     async def _refuse(self, send) -> None:
-        error = {
-            "message": f"the request body exceeds {self.max_bytes} bytes",
-            "type": "invalid_request_error",
-        }
-        body = json.dumps({"error": error | {"param": None, "code": "request_too_large"}}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, 413, f"the request body exceeds {self.max_bytes} bytes", "request_too_large")
+
+
+async def _send_error(send, status: int, message: str, code: str) -> None:
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    headers = [(b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps({"error": error}).encode()})
 
 
 class _TooLarge(Exception):

@@ -191,7 +191,7 @@ class NextwordServer:
         family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
         self._http_socket = socket.create_server((c.host, c.http_port), family=family)
         self.http_port = self._http_socket.getsockname()[1]
-        app = create_app(self.frontend, c.max_request_bytes)
+        app = create_app(self.frontend, c.max_request_bytes, c.token)  # the token of gRPC, as a bearer
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -199,6 +199,11 @@ class NextwordServer:
             log_config=None,
             log_level="warning",
             timeout_graceful_shutdown=c.grace_s,
+            # the gRPC server's TLS (client certificates required with --tls-client-ca)
+            ssl_certfile=c.tls_cert,
+            ssl_keyfile=c.tls_key,
+            ssl_ca_certs=c.tls_client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if c.tls_client_ca else ssl.CERT_NONE,
         )
         self._http = _Uvicorn(config)
         self._http_loop = asyncio.create_task(self._http.serve(sockets=[self._http_socket]))

@@ -237,3 +237,16 @@ def test_load_generator_drives_the_http_api(srv):
     d = asyncio.run(run_load(config)).to_dict()
     assert d["completed"] == 4 and d["failed"] == 0 and d["total_output_tokens"] == 20
     assert d["total_input_tokens"] == 32 and d["protocol"] == "http" and d["median_ttft_ms"] > 0
+
+
+def test_the_servers_token_guards_the_http_api_too(tmp_path_factory):
+    """With a token (--token-file), HTTP needs it as the bearer token (the OpenAI clients' api_key), as gRPC."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    write_tiny_model(folder, "llama", seed=3)
+    with running_server(model=folder, http_port=0, token="s3cret") as srv:
+        base = f"http://127.0.0.1:{srv.http_port}/v1"
+        with pytest.raises(openai.AuthenticationError) as e:
+            openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+        assert e.value.status_code == 401
+        assert openai.OpenAI(base_url=base, api_key="s3cret", max_retries=0).models.list().data[0].id
+        assert HTTP.get(f"http://127.0.0.1:{srv.http_port}/health").status_code == 200
