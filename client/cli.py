@@ -280,9 +280,13 @@ def add_score_command(commands, common: argparse.ArgumentParser) -> None:
         "perplexity exp(-mean log-probability). A text longer than --window tokens is scored in windows "
         "starting every --stride tokens, each scoring the tokens no earlier window scored (with the defaults, "
         "1024 and 1024, the method and the figure of benchmarks/perplexity.py).",
+        epilog=examples(
+            "nextword score benchmarks/data/english.txt",
+            "echo 'The capital of France is Paris.' | nextword score - --tokens --top-n 3",
+        ),
     )
     p.add_argument("file", help="the text file, or - for stdin")
-    p.add_argument("--window", type=int, default=1024, help="tokens per window (default %(default)s)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window")
     p.add_argument(
         "--stride", type=int, default=None, help="tokens between window starts (default: --window)"
     )
@@ -303,6 +307,7 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
             "nextword load --concurrency 8 --num-requests 64",
             "nextword load --rate 4 --duration 30 --json > result.json",
             "nextword load --scenario typist --concurrency 4 --num-requests 20",
+            "nextword load --protocol http --target 127.0.0.1:8000 --concurrency 16",
         ),
     )
     g = p.add_argument_group("load")
