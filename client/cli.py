@@ -255,6 +255,8 @@ def add_client_commands(commands) -> None:
 
     add_inspect_commands(commands, common)
 
+    add_score_command(commands, common)
+
     add_load_command(commands, common)
 
     from nextword.client import lsp, typing_surface  # the editor commands: their own modules
@@ -274,6 +276,30 @@ def token_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def add_score_command(commands, common: argparse.ArgumentParser) -> None:
+    p = commands.add_parser(
+        "score",
+        parents=[common],
+        help="the perplexity of a text (and each token's log-probability), on a server",
+        description="Score a text: the log-probability of each token given the ones before it, and the "
+        "perplexity exp(-mean log-probability). A text longer than --window tokens is scored in windows "
+        "starting every --stride tokens, each scoring the tokens no earlier window scored (with the defaults, "
+        "1024 and 1024, the method and the figure of benchmarks/perplexity.py).",
+        epilog=examples(
+            "nextword score benchmarks/data/english.txt",
+            "echo 'The capital of France is Paris.' | nextword score - --tokens --top-n 3",
+        ),
+    )
+    p.add_argument("file", help="the text file, or - for stdin")
+    p.add_argument("--window", type=int, default=1024, help="tokens per window")
+    p.add_argument(
+        "--stride", type=int, default=None, help="tokens between window starts (default: --window)"
+    )
+    p.add_argument("--tokens", action="store_true", help="also print each token's log-probability and rank")
+    p.add_argument("--top-n", type=int, default=0, help="with --tokens or --json: the top-N at each position")
+    p.set_defaults(run=run_score)
+
+
 def add_load_command(commands, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser(
         "load",
@@ -286,6 +312,7 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
             "nextword load --concurrency 8 --num-requests 64",
             "nextword load --rate 4 --duration 30 --json > result.json",
             "nextword load --scenario typist --concurrency 4 --num-requests 20",
+            "nextword load --protocol http --target 127.0.0.1:8000 --concurrency 16",
         ),
     )
     g = p.add_argument_group("load")
@@ -321,6 +348,13 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
         choices=("plain", "cancel-storm", "typist"),
         default="plain",
         help="plain requests, a storm of cancelled ones, or editor users typing (one Session each)",
+    )
+    g.add_argument(
+        "--protocol",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="http: --target is an OpenAI-compatible server (nextword serve --http-port, llama-server, "
+        "vLLM), driven with streamed /v1/completions (default grpc)",
     )
     g.add_argument(
         "--cancel-fraction",
@@ -476,6 +510,29 @@ def run_probs(args: argparse.Namespace) -> int:
     for rank, t in enumerate(dist.top, 1):
         print(f"{rank:>4} {t.token_id:>7}  {t.text!r:<20} {t.prob:>8.4f} {t.logprob:>9.4f}")
     print(f"[{dist.prompt_tokens} prompt tokens; vocabulary of {dist.vocab_size}]", file=sys.stderr)
+    return 0
+
+
+def run_score(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    with _client(args) as client:
+        scores = client.score(text, top_n=args.top_n, window=args.window, stride=args.stride)
+    if args.json:
+        _print_json(scores.to_dict())
+        return 0
+    if args.tokens:
+        print(f"{'index':>6} {'id':>7}  {'token':<20} {'logprob':>9} {'rank':>6}")
+        for t in scores.tokens:
+            top = "  ".join(f"{a.text!r} {a.logprob:.3f}" for a in t.top)
+            print(
+                f"{t.index:>6} {t.id:>7}  {t.text!r:<20} {t.logprob:>9.4f} {t.rank:>6}"
+                + (f" | {top}" if top else "")
+            )
+    print(
+        f"perplexity {scores.perplexity:.3f} over {len(scores.tokens)} tokens (sum of log-probabilities "
+        f"{scores.sum_logprob:.2f}; {scores.prompt_tokens} tokens in {scores.windows} windows of "
+        f"{scores.window}, stride {scores.stride})"
+    )
     return 0
 
 
@@ -779,6 +836,7 @@ def run_load(args: argparse.Namespace) -> int:
     try:
         config = load.LoadConfig(
             target=args.target,
+            protocol=args.protocol,
             concurrency=args.concurrency,
             rate=args.rate,
             max_inflight=args.max_inflight,

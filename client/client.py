@@ -40,6 +40,7 @@ from nextword.client.types import (
     GenerateEvent,
     ModelInfo,
     NearestTokens,
+    Scores,
     SessionError,
     Tokenized,
     session_item,
@@ -140,6 +141,10 @@ def generate_request(
     if max_lines is not None:
         request.max_lines = max_lines
     return request
+
+
+def score_request(prompt: Prompt, top_n: int, window: int | None, stride: int | None) -> pb.ScoreRequest:
+    return pb.ScoreRequest(prompt=prompt_pb(prompt), top_n=top_n, window=window, stride=stride)
 
 
 def new_request_id() -> str:
@@ -397,6 +402,21 @@ class Client(_ClientBase):
         )
         return Distribution.from_pb(self._call(self._stub.NextTokenProbabilities, request, timeout))
 
+    def score(
+        self,
+        prompt: Prompt,
+        top_n: int = 0,
+        window: int | None = None,
+        stride: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Scores:
+        """The log-probability of every token of `prompt` given the ones before it, with the perplexity;
+        long prompts in windows of `window` tokens every `stride` tokens (default: the context, no overlap)."""
+        return Scores.from_pb(
+            self._call(self._stub.Score, score_request(prompt, top_n, window, stride), timeout)
+        )
+
     def tokenize(
         self, text_or_chat: str | Sequence[Mapping[str, str]], *, timeout: float | None = None
     ) -> Tokenized:
@@ -573,6 +593,18 @@ class AsyncClient(_ClientBase):
             prompt=prompt_pb(prompt), top_n=top_n, full_vocabulary=full_vocabulary
         )
         return Distribution.from_pb(await self._call(self._stub.NextTokenProbabilities, request, timeout))
+
+    async def score(
+        self,
+        prompt: Prompt,
+        top_n: int = 0,
+        window: int | None = None,
+        stride: int | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Scores:
+        request = score_request(prompt, top_n, window, stride)
+        return Scores.from_pb(await self._call(self._stub.Score, request, timeout))
 
     async def tokenize(
         self, text_or_chat: str | Sequence[Mapping[str, str]], *, timeout: float | None = None

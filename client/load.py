@@ -40,6 +40,7 @@ from nextword.client.errors import NextwordError
 from nextword.client.types import SessionError
 
 SCENARIOS = ("plain", "cancel-storm", "typist")
+PROTOCOLS = ("grpc", "http")  # http: an OpenAI-compatible server (client/http_load.py)
 METRICS = ("ttft", "tpot", "itl", "e2el")
 # Separate HTTP/2 connections per channel: channels to one target otherwise share one subchannel (one TCP
 # connection) through gRPC's global subchannel pool.
@@ -90,6 +91,7 @@ class LoadConfig:
     whichever comes first (neither: 100 requests)."""
 
     target: str = DEFAULT_TARGET
+    protocol: str = "grpc"  # or "http": target is then an OpenAI-compatible server's HOST:PORT or base URL
     concurrency: int | None = None  # closed loop: N workers, each sends when its previous request ended
     rate: float | None = None  # open loop: Poisson arrivals, requests per second
     max_inflight: int = 256  # open loop: requests in flight at most; an arrival beyond it waits (and counts)
@@ -122,6 +124,10 @@ class LoadConfig:
             raise ValueError("rate must be a positive number of requests per second")
         if self.scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.protocol == "http" and self.scenario == "typist":
+            raise ValueError("the typist scenario needs gRPC's Session: use --protocol grpc")
         if self.scenario == "typist" and self.rate is not None:
             raise ValueError("the typist scenario is closed loop: give concurrency (the number of users)")
         if self.num_requests is None and self.duration is None:
@@ -289,7 +295,8 @@ class LoadResult:
             "concurrency": c.concurrency,
             "rate": c.rate,
             "max_inflight": c.max_inflight if c.rate is not None else None,
-            "channels": c.num_channels,
+            "protocol": c.protocol,
+            "channels": c.num_channels if c.protocol == "grpc" else None,
             "duration": round(self.duration, 4),
             "sent": len(self.records),
             "completed": len(completed),
@@ -416,9 +423,14 @@ class _Runner:
 
     async def open(self) -> str:
         c = self.c
-        self.clients = [
-            AsyncClient(c.target, options=CHANNEL_OPTIONS, **c.security) for _ in range(c.num_channels)
-        ]
+        if c.protocol == "http":
+            from nextword.client.http_load import HttpClient
+
+            self.clients = [HttpClient(c.target, connections=c.workers)]
+        else:
+            self.clients = [
+                AsyncClient(c.target, options=CHANNEL_OPTIONS, **c.security) for _ in range(c.num_channels)
+            ]
         first = self.clients[0]
         info = await first.model_info(timeout=30)
         needed = c.prompt_tokens[1] + (c.keystroke_tokens if c.scenario == "typist" else c.output_tokens[1])
@@ -799,7 +811,7 @@ def format_result(d: dict) -> str:
     tokens += f", {d['total_output_tokens']} output"
     header = f"target {d['target']}  model {d['model_id']}  scenario {d['scenario']}  {load}"
     lines = [
-        f"{header}  {d['channels']} channel(s)",
+        f"{header}  " + (f"{d['channels']} channel(s)" if d["channels"] else d["protocol"]),
         f"{'duration':<24}{d['duration']:.2f} s",
         f"{'requests':<24}{requests}",
         f"{'request throughput':<24}{d['request_throughput']:.2f} req/s",

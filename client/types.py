@@ -184,6 +184,36 @@ class Distribution(_ToDict):
 
 
 @dataclass(frozen=True)
+class ScoredToken(_ToDict):
+    index: int  # position in the prompt (the first token, without context, is never scored)
+    id: int
+    text: str
+    logprob: float  # log p(token | the tokens before it), plain softmax of the logits
+    rank: int  # 1 = the model's top choice
+    top: tuple[TokenProb, ...]  # with top_n
+
+    @classmethod
+    def from_pb(cls, m: pb.ScoredToken) -> ScoredToken:
+        return cls(m.index, m.id, m.text, m.logprob, m.rank, tuple(TokenProb.from_pb(t) for t in m.top))
+
+
+@dataclass(frozen=True)
+class Scores(_ToDict):
+    tokens: tuple[ScoredToken, ...]
+    sum_logprob: float
+    perplexity: float
+    prompt_tokens: int
+    window: int
+    stride: int
+    windows: int
+
+    @classmethod
+    def from_pb(cls, m: pb.ScoreResponse) -> Scores:
+        tokens = tuple(ScoredToken.from_pb(t) for t in m.tokens)
+        return cls(tokens, m.sum_logprob, m.perplexity, m.prompt_tokens, m.window, m.stride, m.windows)
+
+
+@dataclass(frozen=True)
 class Tokenized(_ToDict):
     ids: tuple[int, ...]
     tokens: tuple[str, ...]  # each token's own text, one per id

@@ -38,3 +38,23 @@ def log_softmax(out, x):
         shift = np.float32(m + np.log(total))
         for i in range(N):
             out[r, i] = x[r, i] - shift
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def token_logprobs(out_logprob, out_rank, x, targets):
+    """For each row r: out_logprob[r] = log_softmax(x[r])[targets[r]] and out_rank[r] = 1 + the number of
+    entries of x[r] greater than the target's (1 = the most likely token), without writing the [R, N]
+    log-probabilities.   out_logprob: [R] float64, out_rank: [R] int64, x: [R, N], targets: [R] int64"""
+    R, N = x.shape
+    for r in range(R):
+        t = x[r, targets[r]]
+        m = x[r, 0]
+        above = 0
+        for i in range(N):
+            m = max(m, x[r, i])
+            above += x[r, i] > t
+        total = 0.0
+        for i in range(N):
+            total += np.exp(np.float64(x[r, i] - m))
+        out_logprob[r] = np.float64(t) - m - np.log(total)
+        out_rank[r] = 1 + above

@@ -96,6 +96,12 @@ def add_serve_command(commands) -> None:
     flag("--max-request-bytes", 1 << 20, int, help="largest request message")
     flag("--metrics-port", 9464, int, help="Prometheus /metrics port (0: any free port; -1: no metrics)")
     flag("--metrics-host", "127.0.0.1", help="address of /metrics: loopback unless set, whatever --host is")
+    flag(
+        "--http-port",
+        None,
+        int,
+        help="also serve the OpenAI-compatible HTTP API on this port (default: off; 0: any free port)",
+    )
     flag("--grace", 10.0, float, help="seconds to drain in-flight requests on SIGINT/SIGTERM")
     flag("--log-level", "INFO", help="DEBUG, INFO, WARNING or ERROR (DEBUG adds tracebacks to errors)")
     g = p.add_argument_group("security (docs/security.md)")
@@ -175,6 +181,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             metrics_port=None if args.metrics_port < 0 else args.metrics_port,
             metrics_host=args.metrics_host,
+            http_port=args.http_port,
             max_request_bytes=args.max_request_bytes,
             grace_s=args.grace,
             tls_cert=args.tls_cert and Path(args.tls_cert),

@@ -3,9 +3,11 @@
 Each `step()` admits waiting requests, runs one forward pass over all scheduled sequences together (prompt
 chunks and single decode tokens in one ragged batch), samples per sequence, checks the stop conditions and
 hands each sequence its output. A step's size is set in time (max_step_s, from the measured costs), since
-every decoding stream waits for the whole step; sequences whose reader is behind are paused. Callers on other threads `submit()` requests and `cancel()` them; only the
-thread that calls `step()` touches the model. `generate()` and `next_token_probabilities()` are the
-in-process conveniences: submit, then step until done.
+every decoding stream waits for the whole step; sequences whose reader is behind are paused. Callers on
+other threads `submit()` requests and `cancel()` them; only the thread that calls `step()` touches the
+model. A scoring request (`submit(..., score_from=N)`) is a prompt pass that asks for the logits of every
+position and returns each prompt token's log-probability: no sampling. `generate()`,
+`next_token_probabilities()` and `score()` are the in-process conveniences: submit, then step until done.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nextword.kernels.model import Batch, Model
-from nextword.kernels.softmax import log_softmax
+from nextword.kernels.softmax import log_softmax, token_logprobs
 from nextword.server.kv_cache import BlockPool, block_keys
 from nextword.server.memory import release_freed_memory
 from nextword.server.sampling import (
@@ -42,6 +44,7 @@ class Finish:
     """How a generation ended, with its usage counts and timings (seconds)."""
 
     reason: str  # length | eos | stop (a stop string) | stop_token | time | lines | cancelled | superseded
+    # | scored (a scoring request)
     stop: str | None  # the matched stop string, or the text of the stop token
     prompt_tokens: int
     generated_tokens: int
@@ -71,6 +74,18 @@ class Distribution:
     prompt_tokens: int
 
 
+@dataclass(frozen=True)
+class Scores:
+    """The log-probability of each prompt token from `first` on, given the tokens before it (no sampling)."""
+
+    first: int  # index in the prompt of the first scored token (>= 1: the first token has no context)
+    token_ids: np.ndarray  # [N] int64, prompt_ids[first:]
+    logprobs: np.ndarray  # [N] float64, log p(token | the tokens before it), plain softmax of the logits
+    ranks: np.ndarray  # [N] int64, 1 + the number of tokens the model found more likely
+    top: tuple[tuple[TokenProb, ...], ...]  # per scored token its top-N alternatives, when top_n > 0
+    finish: Finish  # reason "scored": usage and timings
+
+
 @dataclass(eq=False)
 class Sequence:
     """A request as the engine tracks it."""
@@ -78,7 +93,7 @@ class Sequence:
     id: str
     prompt_ids: list[int]
     params: SamplingParams
-    sampler: Sampler | None  # None for a probabilities-only request
+    sampler: Sampler | None  # None for a probabilities-only or scoring request
     on_output: Callable[[Step | Distribution | Exception], None]
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     num_cached: int = 0  # leading tokens whose K/V are in the cache
@@ -88,6 +103,8 @@ class Sequence:
     decoder: IncrementalDecoder | None = None
     text: str = ""  # generated text so far (stop strings already cut off)
     emitted: int = 0  # characters of `text` handed out
+    score_from: int = 0  # > 0: a scoring request; the index of the first prompt token to score
+    scored: list = field(default_factory=list)  # scoring: (logprobs, ranks, tops) per step
     cancelled: str | None = None  # set (to the finish reason) by cancel(), acted on at the next step
     queued: bool = False  # counted against max_queue: submitted, not yet admitted nor cancelled
     paused_at: float | None = (
@@ -106,6 +123,7 @@ class Sequence:
 
 MIN_MEASURED = 16  # steps of at least this many tokens measure the cost of a token
 MIN_PROMPT_CHUNK = 8  # prompt tokens a step takes even when decoding alone fills its time budget
+MAX_SCORE_ROWS = 256  # prompt tokens of a scoring request per step: bounds its logits ([rows, V] float32)
 
 
 class QueueFull(Exception):
@@ -186,20 +204,28 @@ class Engine:
         *,
         request_id: str | None = None,
         probs_only: bool = False,
+        score_from: int = 0,
     ) -> Sequence:
         """Validate and queue a request; `on_output` is called from the engine thread with each output.
+        `score_from` > 0 makes it a scoring request: one Scores output for prompt_ids[score_from:].
         Raises InvalidParameter for a request that can never be served, QueueFull when too many wait."""
-        self.validate(prompt_ids, params, probs_only)
+        if score_from:
+            if len(prompt_ids) < 2:
+                raise InvalidParameter("prompt", "scoring needs at least 2 tokens (the first has no context)")
+            if not 1 <= score_from < len(prompt_ids):
+                raise InvalidParameter("score_from", f"score_from must be in [1, {len(prompt_ids)})")
+        self.validate(prompt_ids, params, probs_only or bool(score_from))
         seq = Sequence(
             id=request_id or f"req-{next(self._ids)}",
             prompt_ids=list(prompt_ids),
             params=params,
-            sampler=None if probs_only else Sampler(params, self.config.vocab_size, prompt_ids),
+            sampler=None if probs_only or score_from else Sampler(params, self.config.vocab_size, prompt_ids),
             on_output=on_output,
             tokens=list(prompt_ids),
+            score_from=score_from,
             submitted_at=self.clock(),
         )
-        if not probs_only:
+        if seq.sampler is not None:
             seq.decoder = IncrementalDecoder(self.tokenizer, prompt_ids)
         with self._lock:
             if self._queued >= self.max_queue:
@@ -301,7 +327,9 @@ class Engine:
         )
         for seq in self._running:
             if seq.num_cached < len(seq.prompt_ids) and budget > 0:
-                chunk = min(len(seq.tokens) - seq.num_cached, budget)
+                chunk = min(
+                    len(seq.tokens) - seq.num_cached, budget, MAX_SCORE_ROWS if seq.score_from else budget
+                )
                 budget -= chunk
                 scheduled.append((seq, chunk))
         if not scheduled:
@@ -316,7 +344,7 @@ class Engine:
                     seq.tokens[seq.num_cached : seq.num_cached + n],
                     seq.num_cached,
                     seq.blocks,
-                    "last" if seq.num_cached + n == len(seq.tokens) else "none",
+                    _logits_wanted(seq, n),
                 )
                 for seq, n in scheduled
             ],
@@ -330,7 +358,10 @@ class Engine:
         for seq, n in scheduled:
             seq.num_cached += n
             self._register_full_blocks(seq)
-            if seq.num_cached == len(seq.tokens):
+            if seq.score_from:
+                self._score(seq, logits[row : row + n])
+                row += n
+            elif seq.num_cached == len(seq.tokens):
                 self._emit(seq, logits[row])
                 row += 1
         self._running = [s for s in self._running if not s.finished]
@@ -364,7 +395,7 @@ class Engine:
             seq = self._waiting[0]
             need = len(seq.prompt_ids) + (0 if seq.sampler is None else seq.params.max_new_tokens)
             keys = block_keys(seq.prompt_ids[:-1], pool.block_size)
-            seq.blocks = pool.match(keys)
+            seq.blocks = [] if seq.score_from else pool.match(keys)  # scoring needs every position's logits
             if pool.blocks_for(need) - len(seq.blocks) > pool.free_blocks:
                 pool.release(seq.blocks)
                 return
@@ -423,6 +454,35 @@ class Engine:
         delta, seq.emitted = seq.text[seq.emitted : safe], max(seq.emitted, safe)
         seq.on_output(Step(token, delta))
 
+    def _score(self, seq: Sequence, logits: np.ndarray) -> None:
+        """Record the log-probabilities of the tokens that the rows of this step's chunk predict."""
+        end = (
+            seq.num_cached
+        )  # the rows are positions end - len(logits) .. end - 1; row p predicts token p + 1
+        lo, hi = max(end - len(logits), seq.score_from - 1), min(end, len(seq.tokens) - 1)
+        if hi > lo:
+            rows = logits[lo - (end - len(logits)) : hi - (end - len(logits))]
+            targets = np.asarray(seq.tokens[lo + 1 : hi + 1], dtype=np.int64)
+            logprobs, ranks = np.empty(len(rows)), np.empty(len(rows), dtype=np.int64)
+            token_logprobs(logprobs, ranks, rows, targets)
+            top = tuple(top_n_probs(r, seq.params.top_n) for r in rows) if seq.params.top_n else ()
+            seq.scored.append((logprobs, ranks, top))
+        if seq.num_cached == len(seq.tokens):
+            seq.prefilled_at = self.clock()
+            seq.finished = True
+            self.finishes["scored"] += 1
+            self.blocks.release(seq.blocks)
+            seq.on_output(
+                Scores(
+                    first=seq.score_from,
+                    token_ids=np.asarray(seq.prompt_ids[seq.score_from :], dtype=np.int64),
+                    logprobs=np.concatenate([s[0] for s in seq.scored]),
+                    ranks=np.concatenate([s[1] for s in seq.scored]),
+                    top=tuple(t for s in seq.scored for t in s[2]),
+                    finish=self._finish_record(seq, "scored", None),
+                )
+            )
+
     def _finish(self, seq: Sequence, reason: str, stop: str | None, token: SampledToken | None) -> None:
         seq.finished = True
         self.finishes[reason] += 1
@@ -432,8 +492,14 @@ class Engine:
             self._waiting.remove(seq)
         if seq in self._running and token is None:
             self._running.remove(seq)
+        finish = self._finish_record(seq, reason, stop)
+        delta = seq.text[seq.emitted :]
+        seq.emitted = len(seq.text)
+        seq.on_output(Step(token, delta, finish))
+
+    def _finish_record(self, seq: Sequence, reason: str, stop: str | None) -> Finish:
         times = seq.token_times
-        finish = Finish(
+        return Finish(
             reason=reason,
             stop=stop,
             prompt_tokens=len(seq.prompt_ids),
@@ -445,9 +511,6 @@ class Engine:
             ttft_s=(times[0] - seq.submitted_at) if times else 0.0,
             mean_itl_s=(times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0,
         )
-        delta = seq.text[seq.emitted :]
-        seq.emitted = len(seq.text)
-        seq.on_output(Step(token, delta, finish))
 
     def fail_all(self, error: Exception) -> None:
         """Give every live sequence `error` as its last output and free its cache (after a failed step)."""
@@ -493,6 +556,21 @@ class Engine:
         while not out:
             self.step()
         return out[0]
+
+    def score(self, prompt: str | list[int], top_n: int = 0, score_from: int = 1) -> Scores:
+        out: list[Scores] = []
+        ids = self.encode_prompt(prompt)
+        self.submit(ids, SamplingParams(top_n=top_n), out.append, score_from=score_from)
+        while not out:
+            self.step()
+        return out[0]
+
+
+def _logits_wanted(seq: Sequence, n: int) -> str:
+    """Which logits a chunk of n new tokens needs: every position for scoring, else the last prompt token's."""
+    if seq.score_from:
+        return "all"
+    return "last" if seq.num_cached + n == len(seq.tokens) else "none"
 
 
 def _average(old: float, new: float) -> float:

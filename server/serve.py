@@ -10,10 +10,12 @@ the engine thread, exit 0. A second signal exits at once (status 1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,7 +31,9 @@ from nextword.client.client import is_loopback_host
 from nextword.kernels import isa
 from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
+from nextword.server.frontend import Frontend
 from nextword.server.guard import MAX_METADATA_BYTES, RequestGuard
+from nextword.server.http_api import create_app
 from nextword.server.interceptors import AccessLog, TokenAuth
 from nextword.server.metrics import Metrics
 from nextword.server.sampling import SamplingParams
@@ -54,6 +59,7 @@ class ServerConfig:
     grace_s: float = 10.0
     handshake_timeout_s: float = 10.0  # for a new connection to send its HTTP/2 preface
     metrics_port: int | None = 9464  # Prometheus /metrics; None = off, 0 = any free port
+    http_port: int | None = None  # the OpenAI-compatible HTTP API; None = off, 0 = any free port
     metrics_host: str = "127.0.0.1"  # loopback whatever `host` is: metrics are not for the public
     tls_cert: Path | None = None  # PEM certificate chain and key: serve TLS instead of plaintext
     tls_key: Path | None = None
@@ -118,13 +124,18 @@ class NextwordServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.metrics = Metrics()
-        self.service = InferenceService(config.max_request_bytes, self.metrics)
+        self.frontend = Frontend(self.metrics)  # what the gRPC servicer and the HTTP app share
+        self.service = InferenceService(self.frontend, config.max_request_bytes)
         self.metrics_port: int | None = None
         self.health = health.aio.HealthServicer()
         self.runner: EngineThread | None = None
         self.ready = asyncio.Event()
         self.port: int | None = None
+        self.http_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_socket: socket.socket | None = None
+        self._http_loop: asyncio.Task | None = None
         self.loading: asyncio.Task | None = None
 
     async def start(self) -> int:
@@ -179,8 +190,47 @@ class NextwordServer:
                     "--metrics-port (0 = any free port, -1 = no metrics) or --metrics-host"
                 ) from e
         await self._server.start()
+        if c.http_port is not None:
+            await self._start_http()
         self.loading = asyncio.create_task(self._load())
         return self.port
+
+    async def _start_http(self) -> None:
+        """The OpenAI-compatible API: uvicorn on this event loop (no signal handlers of its own: serve()
+        owns SIGINT/SIGTERM), on a socket bound here so that port 0 reports the port it got."""
+        c = self.config
+        family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
+        self._http_socket = socket.create_server((c.host, c.http_port), family=family)
+        self.http_port = self._http_socket.getsockname()[1]
+        app = create_app(self.frontend, c.max_request_bytes, c.token)  # the token of gRPC, as a bearer
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            access_log=False,  # serve() logs one line per request itself
+            log_config=None,
+            log_level="warning",
+            timeout_graceful_shutdown=c.grace_s,
+            # the gRPC server's TLS (client certificates required with --tls-client-ca)
+            ssl_certfile=c.tls_cert,
+            ssl_keyfile=c.tls_key,
+            ssl_ca_certs=c.tls_client_ca,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if c.tls_client_ca else ssl.CERT_NONE,
+        )
+        self._http = _Uvicorn(config)
+        self._http_loop = asyncio.create_task(self._http.serve(sockets=[self._http_socket]))
+        while not self._http.started and not self._http_loop.done():
+            await asyncio.sleep(0.005)
+        if self._http_loop.done():
+            self._http_loop.result()  # its start-up failed: raise that
+
+    async def _stop_http(self, grace_s: float) -> None:
+        """Stop accepting, let open responses finish within grace_s, then cancel them (freeing their
+        sequences)."""
+        if self._http is None:
+            return
+        self._http.config.timeout_graceful_shutdown = grace_s
+        self._http.should_exit = True
+        await self._http_loop
 
     async def _load(self) -> None:
         started = time.perf_counter()
@@ -189,7 +239,7 @@ class NextwordServer:
         runner = EngineThread(engine, on_step=self.metrics.observe_step)
         runner.start()
         await asyncio.wrap_future(runner.call(lambda: _warm(engine)))
-        self.runner = self.service.runner = runner
+        self.runner = self.frontend.runner = runner
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
@@ -230,7 +280,7 @@ class NextwordServer:
         loop = asyncio.get_running_loop()
         until = loop.time() + (self.config.grace_s if grace_s is None else grace_s)
         await self.health.enter_graceful_shutdown()
-        self.service.drain()
+        self.service.drain()  # both front ends: the draining flag is the Frontend's
         if self.loading and not self.loading.done():
             self.loading.cancel()
         runner = self.runner
@@ -243,7 +293,7 @@ class NextwordServer:
                 while _in_flight(runner) and loop.time() < cancelled_by:
                     await asyncio.sleep(DRAIN_POLL_S)
         # the handlers deliver their last events, then every call is closed
-        await self._server.stop(FINAL_EVENTS_S)
+        await asyncio.gather(self._server.stop(FINAL_EVENTS_S), self._stop_http(FINAL_EVENTS_S))
         self.metrics.close()
         if runner:
             await asyncio.to_thread(runner.stop)
@@ -266,6 +316,12 @@ def _in_flight(runner: EngineThread) -> bool:
     return runner.engine.live_sequences > 0 or runner.pending_calls > 0
 
 
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # serve() owns SIGINT and SIGTERM: uvicorn must not take them over
+        yield
+
+
 def _warm(engine: Engine) -> None:
     """One tiny generation: compiles (or loads from the on-disk cache) every kernel before the first client.
 
@@ -284,6 +340,8 @@ async def serve(config: ServerConfig) -> int:
         if server.metrics_port
         else ""
     )
+    if server.http_port:
+        metrics += f", OpenAI-compatible HTTP on http://{config.host}:{server.http_port}/v1"
     print(
         f"nextword: listening on {config.host}:{server.port}{' with TLS' if config.tls_cert else ''}{metrics}, "
         f"loading {config.model or 'the default model'} ...",

@@ -1,8 +1,9 @@
 """The gRPC servicer: protobuf in, engine calls, protobuf out. The only server module that touches `_pb2`.
 
-Handlers run on the asyncio event loop and never compute: they validate, tokenize, submit to the engine
-thread and relay its outputs. A handler that ends for any reason (done, client cancel, deadline, disconnect)
-cancels its sequence in `finally`, so the engine drops it at its next step.
+Handlers run on the asyncio event loop and never compute: they translate protobuf into the engine's terms and
+delegate to the Frontend (server/frontend.py, shared with the HTTP app), which validates, tokenizes, submits to
+the engine thread and relays its outputs. A handler that ends for any reason (done, client cancel, deadline,
+disconnect) cancels its sequence in `finally`, so the engine drops it at its next step.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import logging
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import grpc
 from google.protobuf import any_pb2
@@ -22,11 +21,10 @@ from grpc_status import rpc_status
 
 from nextword.kernels import inspect as inspection
 from nextword.kernels import isa
-from nextword.server.engine import Distribution, QueueFull, Step
-from nextword.server.engine_thread import EngineThread
+from nextword.server.engine import Distribution, Step
+from nextword.server.frontend import Frontend, RequestError, engine_failure, invalid
 from nextword.server.interceptors import note
-from nextword.server.metrics import Metrics
-from nextword.server.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, InvalidParameter, SamplingParams
+from nextword.server.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc
 
@@ -54,30 +52,23 @@ MAX_NEAREST_TERMS = 16
 # in the engine past this many, resumed when half are sent, and cancelled after the engine's max_paused_s.
 MAX_UNSENT_EVENTS = 32
 MAX_DROPPED_IDS = 64  # a Session's requests superseded before they started, still to be answered
-INLINE_TOKENIZE_CHARS = 4096  # ~1 ms of tokenizing: shorter texts are not worth a thread hop
 MAX_TERM_WEIGHT = 1e6  # 16 terms of this weight sum far below float32's range (embeddings are ~1)
 
 
-class RequestError(Exception):
-    """A request the service refuses: a gRPC status code, a message, and the offending field if any."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None, retry_after_s=None):
-        super().__init__(message)
-        self.code, self.message, self.field, self.retry_after_s = code, message, field, retry_after_s
-
-    def to_status(self) -> grpc.Status:
-        details = []
-        if self.field:
-            violation = error_details_pb2.BadRequest.FieldViolation(
-                field=self.field, description=self.message
-            )
-            details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
-        if self.retry_after_s is not None:
-            retry = error_details_pb2.RetryInfo()
-            retry.retry_delay.FromMilliseconds(int(self.retry_after_s * 1000))
-            details.append(_pack(retry))
-        code = getattr(code_pb2, self.code.name)
-        return rpc_status.to_status(status_pb2.Status(code=code, message=self.message, details=details))
+def _status(error: RequestError) -> grpc.Status:
+    """The rich status of a refused request: the code, the message, the field (proto path) and retry hint."""
+    details = []
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=_proto_field(error.field), description=error.message
+        )
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
+    if error.retry_after_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(int(error.retry_after_s * 1000))
+        details.append(_pack(retry))
+    code = getattr(code_pb2, error.code.name)
+    return rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))
 
 
 def _pack(message) -> any_pb2.Any:
@@ -86,29 +77,33 @@ def _pack(message) -> any_pb2.Any:
     return detail
 
 
-def invalid(field: str, message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message, field)
-
-
 class InferenceService(nextword_pb2_grpc.InferenceServicer):
-    def __init__(self, max_request_bytes: int, metrics: Metrics | None = None):
-        self.runner: EngineThread | None = None  # set once the model is loaded and warm
-        self.draining = False
+    def __init__(self, frontend: Frontend, max_request_bytes: int):
+        self.frontend = frontend
         self.max_request_bytes = max_request_bytes
-        self.metrics = metrics or Metrics()
-        # One thread: big texts are tokenized one after another, beside the engine, never on the event loop.
-        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="nextword-tokenize")
+        self.metrics = frontend.metrics
         self._sessions: set[asyncio.Queue] = set()  # the inboxes of the open Sessions
+
+    @property
+    def runner(self):
+        return self.frontend.runner
+
+    @property
+    def draining(self) -> bool:
+        return self.frontend.draining
 
     def drain(self) -> None:
         """Refuse new requests (UNAVAILABLE); each Session stops reading and ends after its live request."""
-        self.draining = True
+        self.frontend.draining = True
         for inbox in self._sessions:
             inbox.put_nowait(("end", None))
 
+    def _engine(self):
+        return self.frontend.engine()
+
     async def _abort(self, context, error: RequestError):
         self.metrics.observe_error(error.code.name)
-        await context.abort_with_status(error.to_status())
+        await context.abort_with_status(_status(error))
 
     # ---- the RPCs ----
 
@@ -136,7 +131,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             engine = self._engine()
             prompt = await self._prompt(request.prompt)
             params = SamplingParams(top_n=request.top_n)
-            dist: Distribution = await self._next_output(prompt, params, probs_only=True)
+            dist: Distribution = await self.frontend.next_output(prompt, params, probs_only=True)
         except RequestError as e:
             await self._abort(context, e)
         return pb.NextTokenProbabilitiesResponse(
@@ -146,6 +141,49 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             vocab_size=engine.config.vocab_size,
         )
 
+    async def Score(self, request, context):
+        try:
+            tok = self._engine().tokenizer
+            prompt = await self._prompt(request.prompt, add_generation_prompt=False)
+            started = time.perf_counter()
+            scores = await self.frontend.score(prompt, request.top_n, request.window, request.stride)
+        except RequestError as e:
+            await self._abort(context, e)
+        log.info(
+            "score: %d tokens in %d windows, perplexity %.3f, %.0f ms",
+            len(prompt),
+            scores.windows,
+            scores.perplexity,
+            _ms_since(started),
+        )
+        tops = scores.top or [()] * len(scores.token_ids)
+        return pb.ScoreResponse(
+            tokens=[
+                pb.ScoredToken(
+                    index=index,
+                    id=token_id,
+                    text=tok.token_text(token_id),
+                    logprob=logprob,
+                    rank=rank,
+                    top=[self._token_prob(t) for t in top],
+                )
+                for index, token_id, logprob, rank, top in zip(
+                    scores.positions.tolist(),
+                    scores.token_ids.tolist(),
+                    scores.logprobs.tolist(),
+                    scores.ranks.tolist(),
+                    tops,
+                    strict=True,
+                )
+            ],
+            sum_logprob=scores.sum_logprob,
+            perplexity=scores.perplexity,
+            prompt_tokens=scores.prompt_tokens,
+            window=scores.window,
+            stride=scores.stride,
+            windows=scores.windows,
+        )
+
     async def Tokenize(self, request, context):
         try:
             tok = self._engine().tokenizer
@@ -153,12 +191,12 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             if which == "chat":
                 ids = await self._chat_ids(request.chat, "chat")
             elif request.text:
-                ids = await self._encode(request.text)
+                ids = await self.frontend.encode_text(request.text, "text")
             else:
                 raise invalid("text", "give text or chat messages to tokenize")
         except RequestError as e:
             await self._abort(context, e)
-        tokens = await self._off_loop(len(ids), lambda: [tok.token_text(i) for i in ids])
+        tokens = await self.frontend.off_loop(len(ids), lambda: [tok.token_text(i) for i in ids])
         return pb.TokenizeResponse(ids=ids, tokens=tokens)
 
     async def Detokenize(self, request, context):
@@ -223,7 +261,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             for i, text in enumerate(request.texts):
                 if not text:
                     raise invalid(f"texts[{i}]", f"texts[{i}] is empty")
-                token_ids.append(await self._encode(text))
+                token_ids.append(await self.frontend.encode_text(text, f"texts[{i}]"))
                 if len(token_ids[-1]) > engine.max_context:
                     raise invalid(
                         f"texts[{i}]",
@@ -335,7 +373,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down") from e
             log.exception("inspection failed")
-            raise _engine_failure(e) from e
+            raise engine_failure(e) from e
 
     # ---- generation plumbing ----
 
@@ -368,7 +406,9 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         note(request_id=gen.request_id)
         prompt = await self._prompt(request.prompt)
         params = self._sampling(request)
-        gen.seq = self._submit(prompt, params, lambda out: deliver(gen, out), request_id=gen.request_id)
+        gen.seq = self.frontend.submit(
+            prompt, params, lambda out: deliver(gen, out), request_id=gen.request_id
+        )
         return gen
 
     async def Session(self, request_iterator, context):
@@ -431,7 +471,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                         continue  # superseded: only its final event still matters
                     failed = isinstance(step, Exception)
                     if failed:
-                        yield _session_error(gen.request_id, _engine_failure(step))
+                        yield _session_error(gen.request_id, engine_failure(step))
                     else:
                         yield pb.SessionEvent(generate=gen.event(step))
                     if gen is live and (failed or step.finish):
@@ -442,84 +482,26 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             if live is not None:
                 live.cancel_unless_finished()
 
-    async def _next_output(self, prompt, params, **kwargs):
-        """Submit a request and await its first output (all a probabilities-only request gives)."""
-        queue: asyncio.Queue = asyncio.Queue()
-        seq = self._submit(prompt, params, queue.put_nowait, **kwargs)
-        try:
-            return await queue.get()
-        finally:
-            if not seq.finished:
-                self.runner.cancel(seq)
-
-    def _submit(self, prompt, params, deliver, **kwargs):
-        loop = asyncio.get_running_loop()
-        try:
-            return self.runner.submit(
-                prompt, params, lambda out: loop.call_soon_threadsafe(deliver, out), **kwargs
-            )
-        except InvalidParameter as e:
-            raise invalid(_proto_field(e.field), str(e)) from None
-        except QueueFull as e:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), retry_after_s=1.0) from None
-
-    def _engine(self):
-        if self.draining:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down", retry_after_s=1.0)
-        if self.runner is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading", retry_after_s=1.0)
-        return self.runner.engine
-
     # ---- protobuf -> domain ----
 
-    async def _prompt(self, prompt) -> list[int]:
+    async def _prompt(self, prompt, add_generation_prompt: bool = True) -> list[int]:
         which = prompt.WhichOneof("input")
         if which is None:
             raise invalid("prompt", "prompt is required: set prompt.text, prompt.token_ids or prompt.chat")
         if which == "text":
-            if not prompt.text:
-                raise invalid("prompt.text", "prompt.text is empty")
-            return await self._encode(prompt.text)
+            return await self.frontend.encode_text(prompt.text, "prompt.text")
         if which == "token_ids":
-            self._check_ids(prompt.token_ids.ids, "prompt.token_ids")
-            return list(prompt.token_ids.ids)
-        return await self._chat_ids(prompt.chat, "prompt.chat")
+            return self._check_ids(prompt.token_ids.ids, "prompt.token_ids")
+        return await self._chat_ids(prompt.chat, "prompt.chat", add_generation_prompt)
 
-    async def _chat_ids(self, chat, field: str) -> list[int]:
-        tok = self.runner.engine.tokenizer
-        if not tok.chat_template:
-            raise invalid(field, "this model has no chat template")
-        if not chat.messages:
-            raise invalid(field + ".messages", "no chat messages")
-        for i, m in enumerate(chat.messages):
-            if not m.role:
-                raise invalid(f"{field}.messages[{i}].role", f"message {i} has no role")
+    async def _chat_ids(self, chat, field: str, add_generation_prompt: bool = True) -> list[int]:
         messages = [{"role": m.role, "content": m.content} for m in chat.messages]
-        messages_text = [m.content for m in chat.messages]
-        try:
-            special = chat.special_tokens_in_content
-            encode = partial(tok.encode_chat, messages, special_tokens_in_content=special)
-            return await self._off_loop(sum(map(len, messages_text)), encode)
-        except ValueError as e:  # the template refused the conversation (raise_exception in the template)
-            raise invalid(field, f"the chat template failed: {e}") from None
+        return await self.frontend.encode_chat(
+            messages, field + ".messages", add_generation_prompt, chat.special_tokens_in_content
+        )
 
-    async def _encode(self, text: str) -> list[int]:
-        return await self._off_loop(len(text), self.runner.engine.tokenizer.encode, text)
-
-    async def _off_loop(self, size: int, fn, *args):
-        """fn(*args) inline when `size` (characters) is small, else on the tokenizing thread: a 1 MB text
-        takes ~0.5 s to tokenize, which would stall every stream and health check on this event loop."""
-        if size <= INLINE_TOKENIZE_CHARS:
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
-
-    def _check_ids(self, ids, field: str) -> None:
-        V = self.runner.engine.config.vocab_size
-        if not ids:
-            raise invalid(field, f"{field} is empty")
-        bad = next((i for i in ids if not 0 <= i < V), None)
-        if bad is not None:
-            raise invalid(field, f"{field}: token id {bad} is outside the vocabulary [0, {V})")
+    def _check_ids(self, ids, field: str) -> list[int]:
+        return self.frontend.check_ids(ids, field)
 
     def _sampling(self, request) -> SamplingParams:
         s = request.sampling
@@ -592,7 +574,7 @@ class _Generation:
 
     def event(self, step) -> pb.GenerateEvent:
         if isinstance(step, Exception):
-            raise _engine_failure(step)
+            raise engine_failure(step)
         now = time.perf_counter()
         event = pb.GenerateEvent(request_id=self.request_id, text=step.text)
         self.produced += step.text
@@ -637,7 +619,8 @@ class _Generation:
         return pb.GenerateEvent(request_id=request_id, text=rest)
 
     def cancel_unless_finished(self) -> None:
-        if self.seq is not None and not self.seq.finished:  # cancelled, past its deadline, or disconnected
+        """Cancelled, past its deadline, or disconnected: the engine drops the sequence at its next step."""
+        if self.seq is not None and not self.seq.finished:
             self.service.runner.cancel(self.seq)
             self.service.metrics.observe_error("CANCELLED")
             note(detail=f"cancelled by the client after {self.index} tokens")
@@ -652,12 +635,9 @@ def _request_key(request) -> bytes:
     return rest.SerializeToString(deterministic=True)
 
 
-def _engine_failure(error: Exception) -> RequestError:
-    return RequestError(grpc.StatusCode.INTERNAL, f"engine failure: {error}")
-
-
 def _session_error(request_id: str, e: RequestError) -> pb.SessionEvent:
-    error = pb.SessionError(request_id=request_id, code=e.code.name, message=e.message, field=e.field or "")
+    field = _proto_field(e.field) if e.field else ""
+    error = pb.SessionError(request_id=request_id, code=e.code.name, message=e.message, field=field)
     return pb.SessionEvent(error=error)
 
 

@@ -27,8 +27,9 @@ def smollm2(smollm2_folder):
 @pytest.fixture(scope="session")
 def smollm2_server(smollm2_folder):
     """`nextword serve` as users run it (default weights) on a free port, in-process: an event loop on a
-    background thread. Shared by the inspection and docs tests."""
+    background thread, with the OpenAI-compatible HTTP API on a free port too. Shared by the inspection, docs
+    and HTTP tests."""
     from servers import running_server
 
-    with running_server(model=smollm2_folder, kv_cache_tokens=4096) as srv:
+    with running_server(model=smollm2_folder, kv_cache_tokens=4096, http_port=0) as srv:
         yield srv

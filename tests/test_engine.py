@@ -245,3 +245,50 @@ def test_max_lines_and_max_time(engine):
     assert steps[-1].finish.reason == "time" and steps[-1].token is None  # at the 3rd step, before its token
     assert [s.token is not None for s in steps] == [True, True, False]
     assert steps[-1].finish.generated_tokens == 2
+
+
+def test_scoring_is_a_prompt_pass_with_every_position_s_logits(folder):
+    """Score against the reference forward: chunked over several steps (a small token budget, and
+    MAX_SCORE_ROWS), beside a running generation, from a later token, with ranks and top-N; the prefix cache
+    (warmed by an equal prompt) is not used, since every position's logits are needed."""
+    engine = Engine.load(folder, kv_cache_tokens=1024, block_size=4, max_top_n=8, max_batch_tokens=7)
+    ids = engine.tokenizer.encode(PROMPT + " jumps over the lazy dog and runs far away")
+    expect = ref.log_softmax(ref.reference_logits(folder, ids))  # [T, V]
+    list(engine.generate(ids, greedy(max_new_tokens=1)))  # fills the prefix cache with ids' blocks
+    out = []
+    mate = engine.submit(ids[:3], greedy(max_new_tokens=50, ignore_eos=True), lambda step: None)
+    engine.submit(ids, SamplingParams(top_n=3), out.append, score_from=2)
+    steps = 0
+    while not out:
+        engine.step()
+        steps += 1
+    scores = out[0]
+    assert steps >= 3 and not mate.finished  # chunked, batched with the generation
+    positions = np.arange(1, len(ids) - 1)  # row p predicts token p + 1, from token 2 on
+    np.testing.assert_array_equal(scores.token_ids, ids[2:])
+    np.testing.assert_allclose(scores.logprobs, expect[positions, ids[2:]], atol=1e-4)
+    ranks = 1 + (expect[positions] > expect[positions, ids[2:]][:, None]).sum(axis=1)
+    np.testing.assert_array_equal(scores.ranks, ranks)
+    assert [[t.token_id for t in top] for top in scores.top] == [
+        list(np.argsort(-e)[:3]) for e in expect[positions]
+    ]
+    assert scores.finish.reason == "scored" and scores.finish.prompt_tokens == len(ids)
+    assert scores.finish.cached_prompt_tokens == 0
+    engine.cancel(mate)
+    engine.step()
+    assert engine.live_sequences == 0 and engine.blocks.free_blocks == engine.blocks.num_blocks
+
+
+def test_scoring_is_cancelled_at_the_next_step_and_validated(engine):
+    ids = engine.tokenizer.encode(PROMPT + " jumps over the lazy dog")
+    out = []
+    seq = engine.submit(ids, SamplingParams(), out.append, score_from=1)
+    engine.cancel(seq)
+    engine.step()
+    assert out[0].finish.reason == "cancelled" and engine.live_sequences == 0
+    with pytest.raises(InvalidParameter, match="at least 2 tokens") as e:
+        engine.submit(ids[:1], SamplingParams(), out.append, score_from=1)
+    assert e.value.field == "prompt"
+    with pytest.raises(InvalidParameter, match="exceeds the context") as e:
+        engine.submit([1] * 1025, SamplingParams(), out.append, score_from=1)
+    assert e.value.field == "prompt"

@@ -8,7 +8,7 @@ from nextword.kernels.attention import cache_write, paged_attention, rope_qk
 from nextword.kernels.elementwise import add, add_bias, add_embedding, embedding, gelu_tanh, swiglu
 from nextword.kernels.matmul import linear, matmul_f32
 from nextword.kernels.norms import layernorm, rmsnorm
-from nextword.kernels.softmax import log_softmax, softmax
+from nextword.kernels.softmax import log_softmax, softmax, token_logprobs
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -94,6 +94,21 @@ def test_softmax(R, N):
     np.testing.assert_allclose(out, ref.softmax(x), rtol=1e-5, atol=1e-7)
     log_softmax(out, x)
     np.testing.assert_allclose(out, ref.log_softmax(x), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("R,N", [(1, 1), (3, 7), (4, 49152)])
+def test_token_logprobs(R, N):
+    rng = np.random.default_rng(N + 1)
+    x = randn(rng, R, N, scale=8) + 100
+    x[:, N // 2] = x[:, 0]  # a tie with the target: ties do not push a token down the ranking
+    targets = rng.integers(0, N, R).astype(np.int64)
+    targets[0] = 0
+    logprob, rank = np.empty(R), np.empty(R, dtype=np.int64)
+    token_logprobs(logprob, rank, x, targets)
+    rows = np.arange(R)
+    np.testing.assert_allclose(logprob, ref.log_softmax(x)[rows, targets], rtol=1e-6, atol=2e-5)
+    expect_rank = 1 + (x.astype(np.float64) > x[rows, targets][:, None]).sum(axis=1)
+    np.testing.assert_array_equal(rank, expect_rank)
 
 
 @pytest.mark.parametrize("H,Hkv,Dh", [(9, 3, 64), (4, 4, 8), (6, 2, 6)])

@@ -1,5 +1,8 @@
 """End to end over loopback: the real default model behind the gRPC service, called through the thin client."""
 
+import importlib.util
+import json
+import math
 import os
 import re
 import signal
@@ -17,6 +20,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from servers import StepGate, running_server, wait_idle
 
 from nextword.client import Client, DeadlineExceeded, InvalidArgument, NextwordError
+from nextword.client.cli import main as cli_main
 from nextword.kernels import isa, quant
 from nextword.server.sampling import SamplingParams
 
@@ -257,3 +261,71 @@ def test_serve_command_health_and_graceful_shutdown(smollm2_folder):
         assert "shutting down" in out and "stopped" in out
     finally:
         proc.kill()
+
+
+# ---- Score: every token's log-probability, against transformers and benchmarks/perplexity.py ----
+
+SCORE_GOLDEN = json.loads((Path(__file__).parent / "golden" / "score.json").read_text())
+ENGLISH = Path(__file__).parents[1] / "benchmarks" / "data" / "english.txt"
+
+
+@pytest.mark.parametrize("case", SCORE_GOLDEN["cases"], ids=lambda c: repr(c["text"][:16]))
+def test_score_matches_transformers(client, case):
+    """The Score RPC on float32 weights: each token's log-probability within 1e-4 of transformers' (made
+    by tests/golden/make_score_golden.py on the same float32 folder)."""
+    scores = client.score(case["text"], top_n=2)
+    assert [t.id for t in scores.tokens] == case["ids"][1:] and scores.prompt_tokens == len(case["ids"])
+    assert [t.index for t in scores.tokens] == list(range(1, len(case["ids"])))
+    got = np.array([t.logprob for t in scores.tokens])
+    np.testing.assert_allclose(got, case["logprobs"], rtol=0, atol=1e-4)
+    assert scores.sum_logprob == pytest.approx(sum(case["logprobs"]), abs=1e-3)
+    assert scores.perplexity == pytest.approx(np.exp(-np.mean(case["logprobs"])), rel=1e-6)
+    for t in scores.tokens:  # the rank agrees with the alternatives listed
+        assert (t.rank == 1) == (t.top[0].token_id == t.id)
+        assert t.top[0].logprob >= t.logprob - 1e-6
+
+
+def test_score_cli_prints_the_perplexity_of_benchmarks_perplexity_py(server, smollm2, tmp_path, capsys):
+    """`nextword score FILE --window W` prints the figure benchmarks/perplexity.py computes with windows of W
+    on the same float32 weights, by its own code (one forward per window, outside the engine). On the first
+    700 tokens of its english.txt with W = 256 (three windows, the last one short) to keep the suite fast; on
+    the whole file with the defaults (1024) both print 14.665 (benchmarks/README.md)."""
+    spec = importlib.util.spec_from_file_location("perplexity", ENGLISH.parents[1] / "perplexity.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = smollm2.tokenizer
+    text = tok.decode(tok.encode(ENGLISH.read_text())[:700])
+    (tmp_path / "part.txt").write_text(text)
+    ids = tok.encode(text)
+    nll, _ = bench.score(smollm2.model, ids, window=256, decode_path=False)
+    target = f"127.0.0.1:{server.port}"
+    assert cli_main(["score", str(tmp_path / "part.txt"), "--window", "256", "--target", target]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"perplexity {math.exp(nll.mean()):.3f} over {len(nll)} tokens")
+    assert f"{len(ids)} tokens in 3 windows of 256, stride 256" in line
+
+
+def test_score_windows_overlap_and_validation(client):
+    text = ENGLISH.read_text()[:600]
+    whole = client.score(text)
+    windows = client.score(text, window=64, stride=32)
+    assert windows.windows > 2 and windows.window == 64 and windows.stride == 32
+    assert [t.index for t in windows.tokens] == [t.index for t in whole.tokens]  # every token, once
+    first = 64  # the first window's tokens have the same context in both
+    np.testing.assert_allclose(
+        [t.logprob for t in windows.tokens[: first - 1]],
+        [t.logprob for t in whole.tokens[: first - 1]],
+        atol=1e-5,
+    )
+    chat = client.score([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}])
+    assert chat.tokens[-1].text == "\n"  # the conversation as it stands: no assistant turn opened after it
+    for kwargs, field in [
+        ({"window": 1}, "window"),
+        ({"window": 64, "stride": 65}, "stride"),
+        ({"top_n": 99}, "top_n"),
+    ]:
+        with pytest.raises(InvalidArgument) as e:
+            client.score(text, **kwargs)
+        assert e.value.field == field
+    with pytest.raises(InvalidArgument, match="at least 2 tokens"):
+        client.score("Hi")

@@ -1,0 +1,137 @@
+"""The OpenAI-compatible HTTP API against gRPC on the same server, and llama.cpp's llama-server, in one run.
+
+    python benchmarks/http_vs_grpc.py [--concurrency 16] [--requests-per-stream 4] [--repeats 3]
+        [--llama-server PATH] [--gguf PATH]
+
+One `nextword serve --http-port 0` (q4 weights); `nextword load` drives it at --concurrency streams, closed
+loop (30-token prompts sent as token ids, 64 output tokens with ignore_eos, greedy, 16 warm-up requests),
+over gRPC (Generate) and over HTTP (streamed /v1/completions), alternating, --repeats times each; then
+llama-server (--parallel = concurrency, 2 threads, continuous batching, the same Q4_1 GGUF) with the same
+load generator over its own /v1/completions. Prints the median of the repeats: aggregate output tokens/s,
+TTFT p50 / p99, ITL p50, and HTTP's figures relative to gRPC's. The load generator runs on the same cores as
+the servers. Run it alone on the machine.
+"""
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from nextword.client.load import LoadConfig, run_load
+
+PEERS = Path(os.environ.get("NEXTWORD_PEERS", Path.home() / ".cache" / "nextword-peers"))
+LLAMA_SERVER = PEERS / "src" / "llama.cpp" / "build" / "bin" / "llama-server"
+GGUF = PEERS / "model" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def start_nextword() -> tuple[subprocess.Popen, str, str]:
+    """`nextword serve` on free ports; (process, gRPC target, HTTP target) once it is ready."""
+    cmd = [sys.executable, "-m", "nextword.client.cli", "serve", "--port", "0", "--http-port", "0"]
+    cmd += ["--metrics-port", "-1", "--max-queue", "1024", "--log-level", "WARNING"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+    )
+    for line in proc.stdout:
+        if m := re.search(r"listening on ([\d.]+:\d+)", line):
+            grpc_target = m.group(1)
+        if m := re.search(r"HTTP on http://([\d.]+:\d+)", line):
+            http_target = m.group(1)
+        if "ready in" in line:
+            return proc, grpc_target, http_target
+    raise RuntimeError("nextword serve did not start")
+
+
+def start_llama_server(binary: Path, gguf: Path, concurrency: int, port: int = 18779) -> subprocess.Popen:
+    """As ../shared/peers/bench_server.py starts it: 2 threads, one slot per stream, continuous batching."""
+    cmd = [str(binary), "-m", str(gguf), "-t", "2", "-tb", "2", "-c", str(max(2048, 256 * concurrency))]
+    cmd += ["--parallel", str(concurrency), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama-server did not become ready")
+
+
+def measure(target: str, protocol: str, concurrency: int, per_stream: int) -> dict:
+    config = LoadConfig(
+        target=target,
+        protocol=protocol,
+        concurrency=concurrency,
+        num_requests=concurrency * per_stream,
+        warmup=16,
+        prompt_tokens=30,
+        output_tokens=64,
+        temperature=0.0,
+        seed=0,
+    )
+    d = asyncio.run(run_load(config)).to_dict()
+    if d["failed"]:
+        raise RuntimeError(f"{protocol} {target}: {d['failed']} requests failed: {d['errors']}")
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests-per-stream", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
+    ap.add_argument("--gguf", type=Path, default=GGUF)
+    args = ap.parse_args()
+    n, per = args.concurrency, args.requests_per_stream
+
+    runs: dict[str, list[dict]] = {"nextword gRPC": [], "nextword HTTP": [], "llama-server HTTP": []}
+    proc, grpc_target, http_target = start_nextword()
+    try:
+        for _ in range(args.repeats):
+            runs["nextword gRPC"].append(measure(grpc_target, "grpc", n, per))
+            runs["nextword HTTP"].append(measure(http_target, "http", n, per))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    if args.llama_server.is_file() and args.gguf.is_file():
+        llama = start_llama_server(args.llama_server, args.gguf, n)
+        try:
+            for _ in range(args.repeats):
+                runs["llama-server HTTP"].append(measure("127.0.0.1:18779", "http", n, per))
+        finally:
+            os.killpg(llama.pid, signal.SIGTERM)
+            llama.wait(30)
+    else:
+        print(f"(llama-server: {args.llama_server} or {args.gguf} missing; not run)")
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(d[key] for d in runs[name])
+
+    print(
+        f"{n} concurrent streams, {n * per} requests of 30 prompt + 64 output tokens, median of {args.repeats}"
+    )
+    print(
+        f"{'server, protocol':<20}{'tok/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'tok/s vs gRPC':>15}"
+    )
+    base = median("nextword gRPC", "output_throughput")
+    for name, results in runs.items():
+        if not results:
+            continue
+        tps = median(name, "output_throughput")
+        print(
+            f"{name:<20}{tps:8.1f}{median(name, 'median_ttft_ms'):8.0f}ms{median(name, 'p99_ttft_ms'):8.0f}ms"
+            f"{median(name, 'median_itl_ms'):7.1f}ms{tps / base:14.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
