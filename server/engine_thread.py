@@ -112,48 +112,55 @@ class EngineThread:
         self._fail_queued_calls()
 
     def _run_calls(self) -> bool:
-        """Start the queued calls, then run the chunked ones in turn for up to one step's time budget (at
-        least one chunk). True when there was any call."""
-        ran = False
+        """Run calls between two steps for up to one step's time budget (max_step_s; exactly one unit of work
+        when the engine is untimed): a unit is a queued call started, or one chunk of a chunked call, taken in
+        turn. True when there was any call."""
         if self._cancel_calls:
             self._cancel_calls = False
             self._fail_queued_calls(RuntimeError("cancelled: the server is shutting down"))
-        while not self._calls.empty() and not self._stopping:
-            fn, future = self._calls.get()
-            ran = True
-            if future.cancelled():
-                continue
-            try:
-                result = fn()
-            except Exception as e:  # noqa: BLE001 (whatever fn raised is its caller's to handle)
-                _settle(future, error=e)
-                continue
-            if inspect.isgenerator(result):
-                self._chunked.append((result, future))
-            else:
-                _settle(future, result)
         clock = self.engine.clock
-        until = clock() + (self.engine.max_step_s or 0.0)  # untimed engine: one chunk between steps
-        while self._chunked and not self._stopping:
-            chunks, future = self._chunked[0]
+        until = clock() + (self.engine.max_step_s or 0.0)
+        ran = False
+        while not self._stopping and (self._chunked or not self._calls.empty()):
             ran = True
-            if future.cancelled():  # pending while its chunks run, so a caller's cancel() lands
-                self._chunked.popleft()
-                chunks.close()
-                continue
-            try:
-                next(chunks)
-            except StopIteration as done:
-                self._chunked.popleft()
-                _settle(future, done.value)
-            except Exception as e:  # noqa: BLE001
-                self._chunked.popleft()
-                _settle(future, error=e)
+            if not self._calls.empty():
+                self._start_call(*self._calls.get())
             else:
-                self._chunked.rotate(-1)
+                self._run_chunk()
             if clock() >= until:
                 break
         return ran
+
+    def _start_call(self, fn: Callable[[], object], future: Future) -> None:
+        if future.cancelled():
+            return
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 (whatever fn raised is its caller's to handle)
+            _settle(future, error=e)
+            return
+        if inspect.isgenerator(result):
+            self._chunked.append((result, future))
+        else:
+            _settle(future, result)
+
+    def _run_chunk(self) -> None:
+        """One chunk of the oldest chunked call, which then goes to the back of the line."""
+        chunks, future = self._chunked[0]
+        if future.cancelled():  # pending while its chunks run, so a caller's cancel() lands
+            self._chunked.popleft()
+            chunks.close()
+            return
+        try:
+            next(chunks)
+        except StopIteration as done:
+            self._chunked.popleft()
+            _settle(future, done.value)
+        except Exception as e:  # noqa: BLE001
+            self._chunked.popleft()
+            _settle(future, error=e)
+        else:
+            self._chunked.rotate(-1)
 
     def _fail_queued_calls(self, stopped: Exception | None = None) -> None:
         """Calls still queued or in progress will never end (stopped, or cancelled by a drain)."""

@@ -155,9 +155,10 @@ def test_call_runs_on_the_engine_thread(runner):
 
 
 def test_calls_interleave_with_a_running_generation(tmp_path):
-    """Calls queued beside a generation run one per step, between its steps, while it runs."""
+    """Calls queued beside a generation run between its steps, while it runs: one per step when the engine is
+    untimed (max_step_s=None; a timed one runs as many as fit in a step's time budget)."""
     write_tiny_model(tmp_path, "llama", seed=2)
-    engine = Engine.load(tmp_path, kv_cache_tokens=512, block_size=4)
+    engine = Engine.load(tmp_path, kv_cache_tokens=512, block_size=4, max_step_s=None)
     thread = EngineThread(engine)  # not started: the generation and the calls are all queued first
     steps, done = [], threading.Event()
 

@@ -147,11 +147,18 @@ def test_session_supersedes_continues_and_reports_errors_in_band(tiny_folder):
                     return asyncio.wait_for(anext(items), SAFETY_S)
 
                 kw = {"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True}
+
+                def reached(live: int, what: str):  # polled off the event loop, which must keep sending
+                    waiting = lambda: engine.live_sequences == live and engine.waiting_sequences == 1
+                    return asyncio.to_thread(wait_until, waiting, what)
+
+                # One request at a time reaches the engine: a Session keeps only its newest pending request.
                 await s.send(prompt + " f", request_id="k1", **kw)
+                await reached(1, "k1 reaches the engine")
                 await s.send(prompt + " fox", request_id="k2", **kw)
+                await reached(2, "k2 reaches the engine; k1, superseded, leaves at the next step")
                 await s.send(prompt, request_id="bad", temperature=-1.0)
                 error = await next_item()  # the bad request is answered at once, in band
-                wait_until(lambda: engine.waiting_sequences == 2, "k1 and k2 reach the engine")
                 gate.allow(1)  # one step: k1 is dropped (superseded), k2 runs its prompt and first token
                 first = [await next_item(), await next_item()]
                 shown = first[1].text
