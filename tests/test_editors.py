@@ -232,8 +232,10 @@ def test_burst_leaves_one_generation_and_cancel_frees_it(smollm2_server):
     assert len(stale) == 19
     for answer in stale:
         assert isinstance(answer, JsonRpcRequestCancelled) or not answer.items, answer
-    assert still_running and live == 1
-    assert isinstance(last, JsonRpcRequestCancelled)
+    assert live == 1  # the newest request's generation, and only it
+    # The newest suggestion is one line: it may be answered before the cancel arrives (then there is nothing
+    # to cancel); a request still running when $/cancelRequest comes is answered cancelled.
+    assert isinstance(last, JsonRpcRequestCancelled) if still_running else not isinstance(last, Exception)
     assert after_cancel == 0
 
 
