@@ -161,6 +161,7 @@ class Engine:
         # moving averages over small steps and over steps of at least MIN_MEASURED tokens.
         self.step_base_s = 0.0
         self.seconds_per_token: float | None = None
+        self.measured_tokens = 0  # tokens of the latest step that measured seconds_per_token
         num_blocks = -(-kv_cache_tokens // block_size)
         self.cache = model.new_cache(num_blocks, block_size)
         self.blocks = BlockPool(num_blocks, block_size)
@@ -378,14 +379,19 @@ class Engine:
         if self.seconds_per_token is None:
             return min(self.max_batch_tokens, MIN_MEASURED * 4)
         work_s = max(self.max_step_s - self.step_base_s, self.step_base_s)
-        return max(1, min(self.max_batch_tokens, int(work_s / self.seconds_per_token)))
+        # At most twice the last measured step: a token's cost learned early in a long prompt underestimates its
+        # later chunks (attention grows with the position), and one oversized step stalls every stream.
+        fit = min(int(work_s / self.seconds_per_token), 2 * self.measured_tokens)
+        return max(1, min(self.max_batch_tokens, fit))
 
     def _measure(self, seconds: float, tokens: int) -> None:
         if tokens < MIN_MEASURED:  # dominated by the per-step costs
             self.step_base_s = _average(self.step_base_s or seconds, seconds)
         else:
+            self.measured_tokens = tokens
             per = max(seconds - self.step_base_s, 1e-7 * tokens) / tokens  # never 0: step_tokens divides
-            self.seconds_per_token = _average(self.seconds_per_token or per, per)
+            # up at once, down slowly: a costlier token (a longer context) must shrink the next step now
+            self.seconds_per_token = max(per, _average(self.seconds_per_token or per, per))
 
     def _admit(self) -> None:
         # Blocks for the whole generation are taken at admission, so a running sequence never waits for cache.
