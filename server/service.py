@@ -23,7 +23,7 @@ from nextword.kernels import inspect as inspection
 from nextword.kernels import isa
 from nextword.server.engine import Distribution, Step
 from nextword.server.frontend import Frontend, RequestError, engine_failure, invalid
-from nextword.server.interceptors import note
+from nextword.server.interceptors import note, sanitize
 from nextword.server.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc
@@ -453,6 +453,9 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                     if live is not None and live.continues_into(item):
                         self.metrics.continued.inc()
                         yield pb.SessionEvent(generate=live.supersede_event())
+                        log.info(
+                            "Session request id=%s: continued by the next request", sanitize(live.request_id)
+                        )
                         catch_up = live.rename(item.request_id or uuid.uuid4().hex[:16], item.prompt.text)
                         if catch_up.text:
                             yield pb.SessionEvent(generate=catch_up)
@@ -474,6 +477,10 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
                         yield _session_error(gen.request_id, engine_failure(step))
                     else:
                         yield pb.SessionEvent(generate=gen.event(step))
+                        if step.finish:  # a Session carries many requests: one line each
+                            log.info(
+                                "Session request id=%s: %s", sanitize(gen.request_id), _request_summary(step)
+                            )
                     if gen is live and (failed or step.finish):
                         live = None
         finally:

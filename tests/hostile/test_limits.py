@@ -1,14 +1,16 @@
 """Items 1, 4, 5 of issue 10: every string a client sends is bounded, malformed bytes and non-finite maths
 are INVALID_ARGUMENT with the field named, and the server goes on serving."""
 
+import asyncio
 import logging
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from servers import wait_idle
+from servers import SAFETY_S, wait_idle
 
+from nextword.client import AsyncClient
 from nextword.v1 import nextword_pb2 as pb
 
 
@@ -121,3 +123,26 @@ def test_nearest_tokens_with_huge_weights_is_invalid_argument(stub):
     response = stub.NearestTokens(pb.NearestTokensRequest(terms=terms, top_n=3))
     cosines = [t.cosine for t in [*response.terms, *response.nearest]]
     assert all(-1.001 <= c <= 1.001 for c in cosines)
+
+
+def test_a_session_logs_one_sanitized_line_per_request(tiny_server, caplog):
+    """A Session carries many requests: each gets its own access-log line, its id escaped like any other."""
+
+    async def run():
+        async with AsyncClient(f"127.0.0.1:{tiny_server.port}") as ac:
+            s = ac.session()
+            items = aiter(s)
+            for rid in ("first\nforged", "second"):
+                await s.send("Hello", request_id=rid, max_new_tokens=2, ignore_eos=True, temperature=0.0)
+                while (await asyncio.wait_for(anext(items), SAFETY_S)).finish is None:
+                    pass
+            await s.close()
+
+    with caplog.at_level(logging.INFO, logger="nextword.requests"):
+        asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Session request ")]
+    assert [line.split(":")[0] for line in lines] == [
+        "Session request id=first\\nforged",
+        "Session request id=second",
+    ]
+    assert all("2 generated tokens, finish=length" in line for line in lines)
