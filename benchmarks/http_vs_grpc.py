@@ -52,9 +52,14 @@ def start_llama_server(binary: Path, gguf: Path, concurrency: int, port: int = 1
     """As ../shared/peers/bench_server.py starts it: 2 threads, one slot per stream, continuous batching."""
     cmd = [str(binary), "-m", str(gguf), "-t", "2", "-tb", "2", "-c", str(max(2048, 256 * concurrency))]
     cmd += ["--parallel", str(concurrency), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    # Weight repacking picks ggml's AMX kernels on CPUs that list amx flags; on this VM they segfault in the
+    # warm-up decode (ggml_backend_amx_mul_mat). Without repacking llama-server runs its AVX-512/AVX2 kernels.
+    cmd += ["--no-repack"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with status {proc.returncode} before it was ready")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
