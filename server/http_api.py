@@ -19,6 +19,7 @@ log-probabilities only, as lm-evaluation-harness asks); vLLM's extra sampling fi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -28,6 +29,7 @@ from functools import partial
 from typing import Literal
 
 import grpc
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -662,3 +664,9 @@ async def _send_error(send, status: int, message: str, code: str) -> None:
 
 class _TooLarge(Exception):
     pass
+
+
+class HTTPServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # serve() owns SIGINT and SIGTERM: uvicorn must not take them over
+        yield

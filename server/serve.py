@@ -10,7 +10,6 @@ the engine thread, exit 0. A second signal exits at once (status 1).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -21,9 +20,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -33,12 +32,14 @@ from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
 from nextword.server.frontend import Frontend
 from nextword.server.guard import MAX_METADATA_BYTES, RequestGuard
-from nextword.server.http_api import create_app
 from nextword.server.interceptors import AccessLog, TokenAuth
 from nextword.server.metrics import Metrics
 from nextword.server.sampling import SamplingParams
 from nextword.server.service import SERVICE_NAME, InferenceService
 from nextword.v1 import nextword_pb2_grpc
+
+if TYPE_CHECKING:
+    from nextword.server.http_api import HTTPServer
 
 log = logging.getLogger("nextword.serve")
 
@@ -133,7 +134,7 @@ class NextwordServer:
         self.port: int | None = None
         self.http_port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._http: uvicorn.Server | None = None
+        self._http: HTTPServer | None = None
         self._http_socket: socket.socket | None = None
         self._http_loop: asyncio.Task | None = None
         self.loading: asyncio.Task | None = None
@@ -198,6 +199,10 @@ class NextwordServer:
     async def _start_http(self) -> None:
         """The OpenAI-compatible API: uvicorn on this event loop (no signal handlers of its own: serve()
         owns SIGINT/SIGTERM), on a socket bound here so that port 0 reports the port it got."""
+        import uvicorn  # FastAPI and uvicorn take 0.3 s to import: only a server with --http-port pays it
+
+        from nextword.server.http_api import HTTPServer, create_app
+
         c = self.config
         family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
         self._http_socket = socket.create_server((c.host, c.http_port), family=family)
@@ -216,7 +221,7 @@ class NextwordServer:
             ssl_ca_certs=c.tls_client_ca,
             ssl_cert_reqs=ssl.CERT_REQUIRED if c.tls_client_ca else ssl.CERT_NONE,
         )
-        self._http = _Uvicorn(config)
+        self._http = HTTPServer(config)
         self._http_loop = asyncio.create_task(self._http.serve(sockets=[self._http_socket]))
         while not self._http.started and not self._http_loop.done():
             await asyncio.sleep(0.005)
@@ -314,12 +319,6 @@ FINAL_EVENTS_S = 1.0  # for handlers to send the final events of their finished 
 
 def _in_flight(runner: EngineThread) -> bool:
     return runner.engine.live_sequences > 0 or runner.pending_calls > 0
-
-
-class _Uvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):  # serve() owns SIGINT and SIGTERM: uvicorn must not take them over
-        yield
 
 
 def _warm(engine: Engine) -> None:
