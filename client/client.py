@@ -713,12 +713,17 @@ class AsyncSession(_SessionBase):
     `await send(prompt, **kwargs)` writes one request and returns its id; `async for item in session` yields
     GenerateEvent and SessionError items in arrival order and ends when the server ends the stream (after
     `close()`); a failed stream raises its `NextwordError` there. `close()` half-closes and waits for the end;
-    `cancel()` drops the RPC at once.
+    `cancel()` drops the RPC at once. Tasks may send concurrently (an editor answers each keystroke in a task
+    of its own): their requests are written one at a time, in the order they were sent.
     """
 
     def __init__(self, stub: nextword_pb2_grpc.InferenceStub, timeout: float | None):
         super().__init__()
         self._call = stub.Session(timeout=timeout)
+        # gRPC takes one write at a time on a stream: a second one while the first is in flight fails the
+        # call on this side only (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, "Internal error from Core"), which
+        # the server never hears of, so its generation would run on, orphaned.
+        self._writing = asyncio.Lock()
         self._items: asyncio.Queue = asyncio.Queue()
         self._reader = asyncio.ensure_future(self._read())
 
@@ -765,7 +770,8 @@ class AsyncSession(_SessionBase):
             max_lines=max_lines,
         )
         try:
-            await self._call.write(request)
+            async with self._writing:
+                await self._call.write(request)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         except asyncio.InvalidStateError:  # the stream ended (cancelled, or the server closed it)
@@ -788,7 +794,8 @@ class AsyncSession(_SessionBase):
         if not self._closed:
             self._closed = True
             try:
-                await self._call.done_writing()
+                async with self._writing:
+                    await self._call.done_writing()
             except (grpc.RpcError, asyncio.InvalidStateError):  # already over: the reader has the status
                 pass
         await self._reader

@@ -344,10 +344,10 @@ class Suggester:
                     continue
                 if isinstance(item, SessionError):
                     self._finish(gen, "error")
-                    if item.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
-                        self.connection.failed(NextwordError(grpc.StatusCode[item.code], item.message))
+                    if item.code_name in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+                        self.connection.failed(NextwordError(grpc.StatusCode[item.code_name], item.message))
                     else:
-                        self.connection.log(f"nextword: {item.code}: {item.message}")
+                        self.connection.log(f"nextword: {item.code_name}: {item.message}")
                     continue
                 self._on_event(gen, item)
         except NextwordError as e:

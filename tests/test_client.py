@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from concurrent import futures
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -39,6 +40,7 @@ from nextword.client import (
     Usage,
 )
 from nextword.client.cli import main
+from nextword.client.client import AsyncSession
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc
 
@@ -867,6 +869,80 @@ def test_async_session_failure_and_cancel(server, fake):
 
     seen, after_cancel = asyncio.run(scenario())
     assert seen == REPLY and len(after_cancel) <= 3
+
+
+class OneWriteAtATimeCall:
+    """A stand-in for a grpc.aio stream-stream call that keeps gRPC core's rule: one write in flight at a time
+    (a second one fails the call on the client's side: GRPC_CALL_ERROR_TOO_MANY_OPERATIONS). A write stays
+    in flight until the test lets it through, so the overlap does not depend on the machine's speed."""
+
+    def __init__(self):
+        self.written, self.through = [], asyncio.Event()
+        self._writing, self._failed, self.cancelled = False, False, False
+        self._end = asyncio.Event()
+
+    async def write(self, request) -> None:
+        if self._writing or self._failed:
+            self._failed = True  # what grpc.aio does: the call is over here, and cancel() no longer reaches
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, None, None, "Internal error from Core")
+        self._writing = True
+        await self.through.wait()
+        self._writing = False
+        self.written.append(request.request_id)
+
+    async def read(self):
+        await self._end.wait()
+        return grpc.aio.EOF
+
+    async def done_writing(self) -> None:
+        self._end.set()
+
+    def cancel(self) -> bool:
+        self.cancelled = not self._failed
+        self._end.set()
+        return self.cancelled
+
+    def done(self) -> bool:
+        return self._end.is_set() or self._failed
+
+
+def test_async_session_sends_from_concurrent_tasks():
+    """An editor answers each keystroke in a task of its own, so sends overlap. A second write while the first
+    was in flight failed the call on the client's side only ("Internal error from Core"): the server was never
+    told, and its generation ran on beside the next session's (the flaky burst test in test_editors.py).
+    Every send must reach the stream, one at a time, in order."""
+
+    async def scenario():
+        call = OneWriteAtATimeCall()
+        stub = SimpleNamespace(Session=lambda timeout: call)
+        s = AsyncSession(stub, None)
+        sends = [asyncio.ensure_future(s.send("hello", request_id=f"k{i}")) for i in range(3)]
+        await asyncio.sleep(0)  # each task has started its send
+        call.through.set()
+        ids = await asyncio.gather(*sends, return_exceptions=True)
+        await s.close()
+        return ids, call.written
+
+    ids, written = asyncio.run(scenario())
+    assert ids == ["k0", "k1", "k2"]
+    assert written == ["k0", "k1", "k2"]
+
+
+def test_suggester_logs_an_in_band_session_error(server, fake):
+    """A request the server refuses in-band (a SessionError) is answered empty and logged once."""
+    from nextword.client.suggest import Connection, Context, Settings, Suggester
+
+    logs = []
+
+    async def scenario():
+        async with AsyncClient(server[0], timeout=10) as c:
+            suggester = Suggester(Connection(lambda: c, logs.append))
+            text = await asyncio.wait_for(suggester.suggest(Context("", "bad-field", ""), Settings()), 10)
+            await suggester.close()
+            return text
+
+    assert asyncio.run(scenario()) == ""
+    assert logs == ["nextword: INVALID_ARGUMENT: temperature must be in [0, 100]"]
 
 
 def test_sync_session(client, fake):
