@@ -384,11 +384,18 @@ class Engine:
         fit = min(int(work_s / self.seconds_per_token), 2 * self.measured_tokens)
         return max(1, min(self.max_batch_tokens, fit))
 
+    def forget_step_costs(self) -> None:
+        """Learn a step's costs afresh: the steps so far (a warm-up that loaded or compiled every kernel) cost
+        far more than serving ones will. A fixed cost learned from them (seconds) made every later step look
+        free per token, so steps doubled up to max_batch_tokens and every stream waited for them."""
+        self.step_base_s, self.seconds_per_token, self.measured_tokens = 0.0, None, 0
+
     def _measure(self, seconds: float, tokens: int) -> None:
         if tokens < MIN_MEASURED:  # dominated by the per-step costs
             self.step_base_s = _average(self.step_base_s or seconds, seconds)
         else:
             self.measured_tokens = tokens
+            self.step_base_s = min(self.step_base_s, seconds)  # a step's fixed cost is at most a whole step
             per = max(seconds - self.step_base_s, 1e-7 * tokens) / tokens  # never 0: step_tokens divides
             # up at once, down slowly: a costlier token (a longer context) must shrink the next step now
             self.seconds_per_token = max(per, _average(self.seconds_per_token or per, per))

@@ -329,6 +329,7 @@ def _warm(engine: Engine) -> None:
     spinning between kernels and sleeps, which tripled the decode time per token here (3.3 -> 9.5 ms)."""
     for _ in engine.generate([0, 1], SamplingParams(temperature=0.0, max_new_tokens=2, ignore_eos=True)):
         pass
+    engine.forget_step_costs()  # compiling is not what a step costs
 
 
 async def serve(config: ServerConfig) -> int:

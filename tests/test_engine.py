@@ -292,3 +292,30 @@ def test_scoring_is_cancelled_at_the_next_step_and_validated(engine):
     with pytest.raises(InvalidParameter, match="exceeds the context") as e:
         engine.submit([1] * 1025, SamplingParams(), out.append, score_from=1)
     assert e.value.field == "prompt"
+
+
+def test_steps_stay_within_their_time_budget_after_the_warm_up(tmp_path):
+    """A machine on an injected clock: the first forward costs 2 s (the kernels load), later ones 5 ms + 1 ms
+    per token. After the server's warm-up, a long prompt goes through in steps that each fit max_step_s:
+    before, the warm-up's seconds were learned as every step's fixed cost, a token then looked free, and the
+    steps doubled to max_batch_tokens (a whole second here, which every decoding stream waited for)."""
+    from nextword.server.serve import _warm
+
+    write_tiny_model(tmp_path, "llama", seed=5, context=1024)
+    now, costs = [0.0], []
+    engine = Engine.load(tmp_path, kv_cache_tokens=2048, max_step_s=0.2, clock=lambda: now[0])
+    forward = engine.model.forward
+
+    def timed_forward(cache, batch):
+        cost = 2.0 if not costs else 0.005 + 0.001 * len(batch.token_ids)
+        costs.append(cost)
+        now[0] += cost
+        return forward(cache, batch)
+
+    engine.model.forward = timed_forward
+    _warm(engine)
+    warm_steps = len(costs)
+    run(engine, [3 + i % 290 for i in range(900)], greedy(max_new_tokens=2))
+    serving = costs[warm_steps:]
+    assert costs[0] == 2.0 and len(serving) >= 5  # the prompt took several steps
+    assert max(serving) <= engine.max_step_s
