@@ -298,6 +298,10 @@ class Engine:
     def live_sequences(self) -> int:
         return len(self._running) + len(self._waiting) + len(self._incoming)
 
+    def sequences(self) -> list[Sequence]:
+        """The live sequences, running, waiting or just submitted (a snapshot, from any thread)."""
+        return [*self._running, *self._waiting, *self._incoming]
+
     def has_work(self) -> bool:
         return self.live_sequences > 0
 

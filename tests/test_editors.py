@@ -207,6 +207,11 @@ def test_burst_leaves_one_generation_and_cancel_frees_it(smollm2_server):
     engine = smollm2_server.runner.engine
     base = "primes = [2, 3, 5, 7, 11, 13,"
     typed = " 17, 19, 23, 29, 31"  # 19 characters; with the open document, 20 states
+    newest = f"<filename>primes.py\n{base}{typed}"  # the last state's prompt
+
+    def live_texts() -> list[str]:
+        """What each live sequence holds: its prompt and what it generated (continued requests included)."""
+        return [engine.tokenizer.decode(seq.tokens) for seq in engine.sequences()]
 
     async def body():
         async with editor(target(smollm2_server), maxTokens=400, maxLines=100) as ed:
@@ -216,10 +221,15 @@ def test_burst_leaves_one_generation_and_cancel_frees_it(smollm2_server):
                 ed.change(uri, base + typed[:i])
                 futures.append(ed.inline(uri, base + typed[:i], msg_id=f"key-{i}"))
             stale = await asyncio.gather(*futures[:-1], return_exceptions=True)
+            # The stale requests are answered once the language server has sent the newest; the server gets
+            # it a moment later and drops the superseded generations at its next step.
             deadline = time.monotonic() + 60
-            while engine.live_sequences > 1 and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                texts = live_texts()
+                if len(texts) == 1 and texts[0].startswith(newest):
+                    break
                 await asyncio.sleep(0.01)
-            live = engine.live_sequences
+            live = live_texts()
             still_running = not futures[-1].done()
             ed.client.protocol.notify(lsp.CANCEL_REQUEST, lsp.CancelParams(id=f"key-{len(typed)}"))
             last = await asyncio.gather(futures[-1], return_exceptions=True)
@@ -232,7 +242,7 @@ def test_burst_leaves_one_generation_and_cancel_frees_it(smollm2_server):
     assert len(stale) == 19
     for answer in stale:
         assert isinstance(answer, JsonRpcRequestCancelled) or not answer.items, answer
-    assert live == 1  # the newest request's generation, and only it
+    assert len(live) == 1 and live[0].startswith(newest), live  # the newest request's generation, alone
     # The newest suggestion is one line: it may be answered before the cancel arrives (then there is nothing
     # to cancel); a request still running when $/cancelRequest comes is answered cancelled.
     assert isinstance(last, JsonRpcRequestCancelled) if still_running else not isinstance(last, Exception)
