@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import operator
 import os
 import queue
@@ -42,6 +43,7 @@ from nextword.client.types import (
     NearestTokens,
     Scores,
     SessionError,
+    SessionReconnected,
     Tokenized,
     session_item,
 )
@@ -52,9 +54,48 @@ if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+REPLICA_HEADER = "x-nextword-replica"  # initial metadata naming the server replica that answers
+# Calls gRPC may send again, to another replica, when one fails with UNAVAILABLE before any response arrived
+# (gRPC retries only until the response headers come): every unary RPC (none changes the server's state), and
+# Generate, whose server sends nothing before it accepts the request. Not Session: its client reconnects.
+RETRIED_METHODS = (
+    "Complete",
+    "Generate",
+    "NextTokenProbabilities",
+    "Score",
+    "Tokenize",
+    "Detokenize",
+    "ModelInfo",
+    "Embed",
+    "NearestTokens",
+    "Attention",
+)
+# Every address the target resolves to (dns:///name:port, ipv4:a:p,b:p, ...) is a replica: calls go round-robin
+# to the replicas whose health service says the Inference service is SERVING (a replica loading, draining or
+# gone gets none), and a call refused with UNAVAILABLE is retried (docs/deploy.md).
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": INFERENCE_SERVICE},
+    "methodConfig": [
+        {
+            "name": [{"service": INFERENCE_SERVICE, "method": m} for m in RETRIED_METHODS],
+            "retryPolicy": {
+                "maxAttempts": 5,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+}
 DEFAULT_OPTIONS = {
     "grpc.max_receive_message_length": 64 << 20,  # a full-vocabulary distribution is 4 bytes per token
+    "grpc.service_config": json.dumps(SERVICE_CONFIG),
 }
+MAX_RECONNECTS = 3  # a Session's new streams in a row that fail before their first event: then it fails
+RECONNECT_BACKOFF_S = 0.2  # before the n-th of them: n times this
 SAMPLING_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 # grpc.health.v1 without depending on grpcio-health-checking (a server extra): HealthCheckRequest is
@@ -73,6 +114,11 @@ def _health_request(service: str) -> bytes:
 def _health_status(data: bytes) -> str:
     status = wrappers_pb2.Int32Value.FromString(data).value
     return HEALTH_STATUSES[status] if 0 <= status < len(HEALTH_STATUSES) else str(status)
+
+
+def replica_of(metadata) -> str:
+    """The replica a call's initial metadata names ("" when the server does not say)."""
+    return next((v for k, v in metadata or () if k == REPLICA_HEADER), "")
 
 
 # ---- keyword arguments -> protobuf ----
@@ -213,12 +259,23 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _host(address: str) -> str:
+    """The host of host, host:port, [v6]:port or a bare v6 address."""
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+
+
 def is_loopback_target(target: str) -> bool:
-    """Is `target` (host:port, [v6]:port, localhost:port, or unix:) on this machine?"""
+    """Is every address of `target` on this machine? A target is any gRPC name: host:port, [v6]:port,
+    dns:[//authority/]host:port, ipv4:a:p,b:p / ipv6:[a]:p,[b]:p (several replicas), or unix:path."""
     if target.startswith(("unix:", "unix-abstract:")):
         return True
-    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or target.startswith("[") else target
-    return is_loopback_host(host)
+    scheme, _, rest = target.partition(":")
+    if scheme in ("ipv4", "ipv6"):
+        return all(is_loopback_host(_host(a)) for a in rest.split(","))
+    if scheme == "dns":
+        rest = rest[2:].partition("/")[2] if rest.startswith("//") else rest
+        return is_loopback_host(_host(rest))
+    return is_loopback_host(_host(target))
 
 
 def make_channel(
@@ -233,6 +290,10 @@ def make_channel(
     token: str | None = None,
 ):
     """The one place a channel is made: its options and credentials.
+
+    `target` is any gRPC target (see `is_loopback_target`). The default options balance the calls over every
+    address it resolves to (SERVICE_CONFIG: round_robin over the replicas in service, UNAVAILABLE retried);
+    `options={"grpc.service_config": ...}` replaces that.
 
     TLS when `tls` or any of `tls_ca` (the CA that signed the server's certificate; default: the system's
     roots) / `tls_cert` + `tls_key` (this client's certificate, for servers that require one) is given.
@@ -263,9 +324,31 @@ def make_channel(
 # ---- the clients ----
 
 
+# Health probes go to one server directly: the balanced channel sends nothing to a replica that is not SERVING,
+# so it could never report NOT_SERVING.
+PROBE_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"pick_first": {}}]})
+
+
 class _ClientBase:
-    def __init__(self, target: str, timeout: float | None):
+    def __init__(self, target: str, timeout: float | None, aio: bool, options, security: dict):
         self.target, self.timeout = target, timeout
+        self._channel = make_channel(target, aio=aio, options=options, **security)
+        self._stub = nextword_pb2_grpc.InferenceStub(self._channel)
+        self._probe_args = (aio, options, security)
+        self._probe_channel = None  # made on the first health call
+
+    @property
+    def _health(self):
+        if self._probe_channel is None:
+            aio, options, security = self._probe_args
+            options = dict(options or {}) | {"grpc.service_config": PROBE_SERVICE_CONFIG}
+            self._probe_channel = make_channel(self.target, aio=aio, options=options, **security)
+        return self._probe_channel.unary_unary(
+            HEALTH_CHECK, request_serializer=_health_request, response_deserializer=_health_status
+        )
+
+    def _channels(self) -> list:
+        return [c for c in (self._channel, self._probe_channel) if c is not None]
 
     def _deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -284,12 +367,7 @@ class Client(_ClientBase):
     def __init__(
         self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, options=None, **security
     ):
-        super().__init__(target, timeout)
-        self._channel = make_channel(target, aio=False, options=options, **security)
-        self._stub = nextword_pb2_grpc.InferenceStub(self._channel)
-        self._health = self._channel.unary_unary(
-            HEALTH_CHECK, request_serializer=_health_request, response_deserializer=_health_status
-        )
+        super().__init__(target, timeout, False, options, security)
 
     def __enter__(self) -> Self:
         return self
@@ -298,7 +376,8 @@ class Client(_ClientBase):
         self.close()
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels():
+            channel.close()
 
     def _call(self, method, request, timeout: float | None, **kwargs):
         try:
@@ -351,9 +430,12 @@ class Client(_ClientBase):
 
     def _stream(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[GenerateEvent]:
         call = self._stub.Generate(request, timeout=timeout)
+        replica = None
         try:
             for event in call:
-                yield GenerateEvent.from_pb(event)
+                if replica is None:  # the headers came with the first event
+                    replica = replica_of(call.initial_metadata())
+                yield GenerateEvent.from_pb(event, replica)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
@@ -381,7 +463,8 @@ class Client(_ClientBase):
             max_time_ms=max_time_ms,
             max_lines=max_lines,
         )
-        return Completion.from_pb(self._call(self._stub.Complete, request, timeout))
+        response, call = self._call(self._stub.Complete.with_call, request, timeout)
+        return Completion.from_pb(response, replica_of(call.initial_metadata()))
 
     def session(self, *, timeout: float | None = None) -> Session:
         """Open a Session: `send()` one request per keystroke, iterate for GenerateEvent / SessionError items.
@@ -468,7 +551,8 @@ class Client(_ClientBase):
         return AttentionMap.from_pb(self._call(self._stub.Attention, request, timeout), layer, head)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        """The grpc.health.v1 status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN"."""
+        """The grpc.health.v1 status: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN" or "UNKNOWN", of one server
+        (the first address of the target that answers), asked directly."""
         return self._call(self._health, service, timeout)
 
     def wait_until_ready(self, timeout: float = 60, service: str = "", interval: float = 0.2) -> None:
@@ -499,12 +583,7 @@ class AsyncClient(_ClientBase):
     def __init__(
         self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, options=None, **security
     ):
-        super().__init__(target, timeout)
-        self._channel = make_channel(target, aio=True, options=options, **security)
-        self._stub = nextword_pb2_grpc.InferenceStub(self._channel)
-        self._health = self._channel.unary_unary(
-            HEALTH_CHECK, request_serializer=_health_request, response_deserializer=_health_status
-        )
+        super().__init__(target, timeout, True, options, security)
 
     async def __aenter__(self) -> Self:
         return self
@@ -513,7 +592,7 @@ class AsyncClient(_ClientBase):
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await asyncio.gather(*(channel.close() for channel in self._channels()))
 
     async def _call(self, method, request, timeout: float | None, **kwargs):
         try:
@@ -550,9 +629,12 @@ class AsyncClient(_ClientBase):
         self, request: pb.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[GenerateEvent]:
         call = self._stub.Generate(request, timeout=timeout)
+        replica = None
         try:
             async for event in call:
-                yield GenerateEvent.from_pb(event)
+                if replica is None:  # the headers came with the first event
+                    replica = replica_of(await call.initial_metadata())
+                yield GenerateEvent.from_pb(event, replica)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
@@ -579,7 +661,12 @@ class AsyncClient(_ClientBase):
             max_time_ms=max_time_ms,
             max_lines=max_lines,
         )
-        return Completion.from_pb(await self._call(self._stub.Complete, request, timeout))
+        call = self._stub.Complete(request, timeout=self._deadline(timeout))
+        try:
+            response = await call
+            return Completion.from_pb(response, replica_of(await call.initial_metadata()))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
 
     def session(self, *, timeout: float | None = None) -> AsyncSession:
         """See `Client.session`: the Session RPC on this loop (`async with c.session() as s:`). A reader task
@@ -671,21 +758,52 @@ class AsyncClient(_ClientBase):
 # ---- sessions ----
 
 _END = object()  # the end of a session's stream (or of its requests)
-SessionItem = GenerateEvent | SessionError
+SessionItem = GenerateEvent | SessionError | SessionReconnected
 
 
 class _SessionBase:
-    """What the sync and asyncio sessions share: building requests and the end-of-stream bookkeeping."""
+    """What the sync and asyncio sessions share: building requests, the end-of-stream bookkeeping, and when to
+    reconnect.
 
-    def __init__(self):
+    A session's stream stays on one replica (its prefix cache is there). When the stream ends under it, with
+    UNAVAILABLE (the replica died or its connection broke) or with OK before the session was closed (the
+    replica drained), the session opens a new stream, which the channel's load balancing puts on a replica in
+    service, sends the latest request again if its final event had not arrived, and yields a
+    SessionReconnected item saying so."""
+
+    def __init__(self, stub: nextword_pb2_grpc.InferenceStub, timeout: float | None):
+        self._stub = stub
+        self._deadline = None if timeout is None else time.monotonic() + timeout
         self._closed = False  # half-closed by close(): no more send()
         self._cancelled = False
         self._error: NextwordError | None = None  # the status the stream ended with, when not OK
         self._error_seen = False  # the error was raised to an iterating caller
+        self._unended: dict[str, pb.GenerateRequest] = {}  # requests sent whose final event has not come
+        self._latest: str | None = None  # the id of the last request sent
+        self.replica = ""  # the replica of the current stream, once its first event named it
+        self._reconnects = 0  # new streams in a row that have not yet delivered an event
+
+    def _timeout(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the session is closed")
+
+    def _request(self, prompt: Prompt, request_id: str, **kwargs) -> pb.GenerateRequest:
+        self._check_open()
+        request = generate_request(prompt, request_id=request_id or new_request_id(), **kwargs)
+        self._unended[request.request_id] = request
+        self._latest = request.request_id
+        return request
+
+    def _item(self, message: pb.SessionEvent):
+        """The item of a received message (None for an unknown kind); a final event ends its request."""
+        self._reconnects = 0
+        item = session_item(message, self.replica)
+        if isinstance(item, SessionError) or (item is not None and item.finish is not None):
+            self._unended.pop(item.request_id, None)
+        return item
 
     def _failed(self, e: grpc.RpcError) -> NextwordError | None:
         """The typed error of a stream that ended badly (None when we cancelled it ourselves)."""
@@ -693,6 +811,29 @@ class _SessionBase:
             return None
         self._error = from_rpc_error(e)
         return self._error
+
+    def _reconnects_after(self, error: grpc.RpcError | None) -> bool:
+        """Does a stream that ended with `error` (None: OK) call for a new one?"""
+        if self._cancelled:
+            return False
+        gone = error is None and not self._closed
+        gone |= error is not None and error.code() == grpc.StatusCode.UNAVAILABLE
+        if not gone or (self._closed and not self._unended) or self._reconnects >= MAX_RECONNECTS:
+            return False
+        self._reconnects += 1
+        return True
+
+    def _reconnected(
+        self, error: grpc.RpcError | None
+    ) -> tuple[SessionReconnected, pb.GenerateRequest | None]:
+        """What to tell the caller about the new stream, and the request to send on it again."""
+        resend = self._unended.get(self._latest)
+        superseded = tuple(i for i in self._unended if i != self._latest)
+        self._unended = {resend.request_id: resend} if resend else {}
+        cause = "OK" if error is None else error.code().name
+        item = SessionReconnected(self.replica, cause, resend and resend.request_id, superseded)
+        self.replica = ""
+        return item, resend
 
     def _take(self, item):
         """What iteration does with a queued item: return an event, or raise at the end / on an error."""
@@ -711,14 +852,14 @@ class AsyncSession(_SessionBase):
     """The Session RPC on asyncio (from `AsyncClient.session()`).
 
     `await send(prompt, **kwargs)` writes one request and returns its id; `async for item in session` yields
-    GenerateEvent and SessionError items in arrival order and ends when the server ends the stream (after
-    `close()`); a failed stream raises its `NextwordError` there. `close()` half-closes and waits for the end;
-    `cancel()` drops the RPC at once. Tasks may send concurrently (an editor answers each keystroke in a task
-    of its own): their requests are written one at a time, in the order they were sent.
+    GenerateEvent, SessionError and SessionReconnected items in arrival order and ends when the server ends
+    the stream (after `close()`); a failed stream raises its `NextwordError` there. `close()` half-closes and
+    waits for the end; `cancel()` drops the RPC at once. Tasks may send concurrently (an editor answers each
+    keystroke in a task of its own): their requests are written one at a time, in the order they were sent.
     """
 
     def __init__(self, stub: nextword_pb2_grpc.InferenceStub, timeout: float | None):
-        super().__init__()
+        super().__init__(stub, timeout)
         self._call = stub.Session(timeout=timeout)
         # gRPC takes one write at a time on a stream: a second one while the first is in flight fails the
         # call on this side only (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, "Internal error from Core"), which
@@ -728,15 +869,34 @@ class AsyncSession(_SessionBase):
         self._reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
-        call, put = self._call, self._items.put_nowait
+        put = self._items.put_nowait
         try:
-            while (message := await call.read()) is not grpc.aio.EOF:
-                item = session_item(message)
-                if item is not None:
-                    put(item)
-        except grpc.RpcError as e:
-            if (error := self._failed(e)) is not None:
-                put(error)
+            while True:
+                call, error = self._call, None
+                try:
+                    while (message := await call.read()) is not grpc.aio.EOF:
+                        if not self.replica:  # the headers came with the first event
+                            self.replica = replica_of(await call.initial_metadata())
+                        if (item := self._item(message)) is not None:
+                            put(item)
+                except grpc.RpcError as e:
+                    error = e
+                if not self._reconnects_after(error):
+                    if error is not None and (failure := self._failed(error)) is not None:
+                        put(failure)
+                    return
+                await asyncio.sleep(RECONNECT_BACKOFF_S * (self._reconnects - 1))
+                item, resend = self._reconnected(error)
+                self._call = self._stub.Session(timeout=self._timeout())
+                put(item)
+                try:
+                    async with self._writing:
+                        if resend is not None:
+                            await self._call.write(resend)
+                        if self._closed:
+                            await self._call.done_writing()
+                except (grpc.RpcError, asyncio.InvalidStateError):  # over already: read() says how
+                    pass
         except asyncio.CancelledError:  # cancel(): the call's read raises this
             pass
         finally:
@@ -759,12 +919,11 @@ class AsyncSession(_SessionBase):
             RuntimeError: the session is closed.
             NextwordError: the stream has already failed.
         """
-        self._check_open()
-        request = generate_request(
+        request = self._request(
             prompt,
+            request_id,
             max_new_tokens=max_new_tokens,
             top_n=top_n,
-            request_id=request_id or new_request_id(),
             sampling=sampling,
             max_time_ms=max_time_ms,
             max_lines=max_lines,
@@ -772,9 +931,12 @@ class AsyncSession(_SessionBase):
         try:
             async with self._writing:
                 await self._call.write(request)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        except asyncio.InvalidStateError:  # the stream ended (cancelled, or the server closed it)
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:  # the stream ended under us
+            if not self._reader.done():  # the reader reconnects (sending this request) or reports why not
+                return request.request_id
+            if isinstance(e, grpc.RpcError):
+                raise from_rpc_error(e) from None
+            self._raise_unseen()
             raise RuntimeError("the session has ended") from None
         return request.request_id
 
@@ -805,6 +967,7 @@ class AsyncSession(_SessionBase):
         """Drop the RPC now: every request in flight stops at the server's next step; iteration ends."""
         self._cancelled = self._closed = True
         self._call.cancel()
+        self._reader.cancel()  # also when it waits to reconnect
 
     async def __aenter__(self) -> Self:
         return self
@@ -814,7 +977,7 @@ class AsyncSession(_SessionBase):
             await self.close()
         else:
             self.cancel()
-            await self._reader
+            await asyncio.gather(self._reader, return_exceptions=True)
 
 
 class Session(_SessionBase):
@@ -822,22 +985,44 @@ class Session(_SessionBase):
     reader thread and two queues."""
 
     def __init__(self, stub: nextword_pb2_grpc.InferenceStub, timeout: float | None):
-        super().__init__()
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        super().__init__(stub, timeout)
+        self._lock = threading.Lock()  # send() against a reconnect: each request goes to exactly one stream
         self._items: queue.SimpleQueue = queue.SimpleQueue()
-        self._call = stub.Session(iter(self._requests.get, _END), timeout=timeout)
+        self._requests, self._call = self._open(timeout)
         self._reader = threading.Thread(target=self._read, name="nextword-session", daemon=True)
         self._reader.start()
 
+    def _open(self, timeout: float | None):
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        return requests, self._stub.Session(iter(requests.get, _END), timeout=timeout)
+
     def _read(self) -> None:
         try:
-            for message in self._call:
-                item = session_item(message)
-                if item is not None:
-                    self._items.put(item)
-        except grpc.RpcError as e:
-            if (error := self._failed(e)) is not None:
-                self._items.put(error)
+            while True:
+                call, error = self._call, None
+                try:
+                    for message in call:
+                        if not self.replica:  # the headers came with the first event
+                            self.replica = replica_of(call.initial_metadata())
+                        if (item := self._item(message)) is not None:
+                            self._items.put(item)
+                except grpc.RpcError as e:
+                    error = e
+                with self._lock:
+                    if not self._reconnects_after(error):
+                        if error is not None and (failure := self._failed(error)) is not None:
+                            self._items.put(failure)
+                        return
+                time.sleep(RECONNECT_BACKOFF_S * (self._reconnects - 1))
+                with self._lock:
+                    item, resend = self._reconnected(error)
+                    self._requests.put(_END)  # the old stream's request iterator ends
+                    self._requests, self._call = self._open(self._timeout())
+                    if resend is not None:
+                        self._requests.put(resend)
+                    if self._closed:
+                        self._requests.put(_END)
+                self._items.put(item)
         finally:
             self._items.put(_END)
 
@@ -853,20 +1038,21 @@ class Session(_SessionBase):
         **sampling,
     ) -> str:
         """See `AsyncSession.send`."""
-        self._check_open()
-        request = generate_request(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            top_n=top_n,
-            request_id=request_id or new_request_id(),
-            sampling=sampling,
-            max_time_ms=max_time_ms,
-            max_lines=max_lines,
-        )
-        if not self._reader.is_alive():
-            self._raise_unseen()
-            raise RuntimeError("the session has ended")
-        self._requests.put(request)
+        with self._lock:
+            self._check_open()
+            if not self._reader.is_alive():
+                self._raise_unseen()
+                raise RuntimeError("the session has ended")
+            request = self._request(
+                prompt,
+                request_id,
+                max_new_tokens=max_new_tokens,
+                top_n=top_n,
+                sampling=sampling,
+                max_time_ms=max_time_ms,
+                max_lines=max_lines,
+            )
+            self._requests.put(request)
         return request.request_id
 
     def __iter__(self) -> Iterator[SessionItem]:
@@ -882,18 +1068,20 @@ class Session(_SessionBase):
     def close(self, timeout: float | None = None) -> None:
         """Half-close and wait (at most `timeout` seconds) for the end of the stream (see
         `AsyncSession.close`)."""
-        if not self._closed:
-            self._closed = True
-            self._requests.put(_END)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._requests.put(_END)
         self._reader.join(timeout)
         if self._reader.is_alive():
             raise TimeoutError(f"the session did not end within {timeout} s")
         self._raise_unseen()
 
     def cancel(self) -> None:
-        self._cancelled = self._closed = True
-        self._call.cancel()
-        self._requests.put(_END)
+        with self._lock:
+            self._cancelled = self._closed = True
+            self._call.cancel()
+            self._requests.put(_END)
 
     def __enter__(self) -> Self:
         return self

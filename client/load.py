@@ -37,7 +37,7 @@ import numpy as np
 
 from nextword.client.client import DEFAULT_TARGET, AsyncClient
 from nextword.client.errors import NextwordError
-from nextword.client.types import SessionError
+from nextword.client.types import SessionError, SessionReconnected
 
 SCENARIOS = ("plain", "cancel-storm", "typist")
 PROTOCOLS = ("grpc", "http")  # http: an OpenAI-compatible server (client/http_load.py)
@@ -190,6 +190,7 @@ class RequestRecord:
     cached_prompt_tokens: int = 0
     error: str | None = None  # a gRPC status code name
     cancelled: bool = False  # cancelled by the load generator (cancel-storm)
+    replica: str = ""  # the server replica that answered (x-nextword-replica), "" when unnamed or none
 
     @property
     def completed(self) -> bool:
@@ -217,6 +218,7 @@ class RequestRecord:
             "finish_reason": self.finish_reason,
             "error": self.error,
             "cancelled": self.cancelled,
+            "replica": self.replica,
         }
 
 
@@ -242,10 +244,23 @@ class LoadResult:
     unsent: int = 0  # open loop: arrivals still waiting for a slot when the duration ran out
     healthy_after: bool | None = None  # cancel-storm: health and a short request worked afterwards
     health_after: str | None = None  # the health status seen afterwards
+    reconnects: int = 0  # typist: Sessions that moved to another replica (their replica drained or died)
 
     @property
     def completed(self) -> list[RequestRecord]:
         return [r for r in self.records if r.completed]
+
+    @property
+    def replicas(self) -> dict[str, dict[str, int]]:
+        """Per replica (by the name it gives itself): the requests it answered, and how many of them then
+        failed (its stream broke). Requests that failed before any response named a replica are not here."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.records:
+            if r.replica:
+                counts = out.setdefault(r.replica, {"requests": 0, "failed": 0})
+                counts["requests"] += 1
+                counts["failed"] += r.error is not None
+        return dict(sorted(out.items()))
 
     @property
     def errors(self) -> dict[str, int]:
@@ -302,6 +317,8 @@ class LoadResult:
             "completed": len(completed),
             "failed": sum(self.errors.values()),
             "errors": self.errors,
+            "replicas": self.replicas,
+            "reconnects": self.reconnects,
             "cancelled": self.count("cancelled"),
             "answered": self.count("answered"),
             "superseded": self.count("superseded"),
@@ -418,6 +435,7 @@ class _Runner:
         self.records: list[RequestRecord] = []
         self.max_inflight_hits = 0
         self.unsent = 0
+        self.reconnects = 0  # typist sessions that moved to another replica
 
     # -- set-up --
 
@@ -540,6 +558,7 @@ class _Runner:
                         itl.append(now - last)
                     else:
                         rec.first_event = rec.first_token = now
+                        rec.replica = event.replica
                     last = now
                     n += 1
                     self.tokens += 1  # as they arrive: the progress line's tok/s is live
@@ -623,16 +642,28 @@ class _Runner:
             try:
                 async for item in session:
                     now = time.perf_counter()
+                    if isinstance(item, SessionReconnected):
+                        self.reconnects += 1
+                        for request_id in item.superseded:  # as the server would have said
+                            if (old := pending.get(request_id)) is not None:
+                                old.finish_reason, old.end = "superseded", now
+                                self._keystroke_done(pending, old)
+                        if (rec := pending.get(item.request_id)) is not None:  # it starts over
+                            rec.first_token = rec.last_token = None
+                            rec.tokens, rec.itl = 0, []
+                        continue
                     rec = pending.get(item.request_id)
                     if rec is None:
                         continue
                     if rec.first_event is None:
                         rec.first_event = now
                     if isinstance(item, SessionError):
+                        rec.replica = session.replica
                         rec.error, rec.end = item.code_name, now
                         self.errors += 1
                         self._keystroke_done(pending, rec)
                         continue
+                    rec.replica = item.replica
                     if item.token is not None:
                         if rec.tokens:
                             rec.itl.append(now - rec.last_token)
@@ -758,6 +789,7 @@ class _Runner:
             result = LoadResult(
                 c, model_id, start, duration, self.records, self.max_inflight_hits, self.unsent
             )
+            result.reconnects = self.reconnects
             if c.scenario == "cancel-storm":
                 result.healthy_after, result.health_after = await self._probe_health()
         finally:
@@ -826,6 +858,14 @@ def format_result(d: dict) -> str:
         )
     if d["errors"]:
         lines.append(f"{'errors':<24}" + ", ".join(f"{code} {n}" for code, n in d["errors"].items()))
+    if len(d["replicas"]) > 1:  # several replicas answered: how the load spread over them
+        spread = ", ".join(
+            f"{name} {n['requests']}" + (f" ({n['failed']} failed)" if n["failed"] else "")
+            for name, n in d["replicas"].items()
+        )
+        lines.append(f"{'requests per replica':<24}{spread}")
+    if d["reconnects"]:
+        lines.append(f"{'session reconnects':<24}{d['reconnects']}")
     if d["healthy_after"] is not None:
         lines.append(f"{'healthy afterwards':<24}{'yes' if d['healthy_after'] else 'NO'}")
     columns = ("mean", "median", "p90", "p99", "std")

@@ -23,7 +23,7 @@ import grpc
 
 from nextword.client.client import AsyncClient, AsyncSession, new_request_id
 from nextword.client.errors import NextwordError, Unavailable
-from nextword.client.types import GenerateEvent, SessionError
+from nextword.client.types import GenerateEvent, SessionError, SessionReconnected
 
 # gRPC reconnects by itself with an exponential backoff (up to 120 s by default): cap it so that suggestions
 # come back within a second of a restarted server being ready.
@@ -339,6 +339,13 @@ class Suggester:
     async def _read(self, session: AsyncSession) -> None:
         try:
             async for item in session:
+                if isinstance(item, SessionReconnected):  # another replica: the latest request starts over
+                    for request_id in item.superseded:
+                        if (old := self._requests.get(request_id)) is not None:
+                            self._finish(old, "superseded")
+                    if (gen := self._requests.get(item.request_id)) is not None:
+                        gen.text = ""
+                    continue
                 gen = self._requests.get(item.request_id)
                 if gen is None:
                     continue

@@ -125,12 +125,13 @@ class GenerateEvent(_ToDict):
     token: Token | None  # None on a final event that generated nothing
     text: str  # UTF-8-safe text to append (can be empty)
     finish: Finish | None  # set on the last event only
+    replica: str = ""  # the server replica that produced it (its x-nextword-replica metadata; "" if unnamed)
 
     @classmethod
-    def from_pb(cls, m: pb.GenerateEvent) -> GenerateEvent:
+    def from_pb(cls, m: pb.GenerateEvent, replica: str = "") -> GenerateEvent:
         token = Token.from_pb(m.token) if m.HasField("token") else None
         finish = Finish.from_pb(m.finish) if m.HasField("finish") else None
-        return cls(m.request_id, token, m.text, finish)
+        return cls(m.request_id, token, m.text, finish, replica)
 
 
 @dataclass(frozen=True)
@@ -147,11 +148,30 @@ class SessionError(_ToDict):
         return cls(m.request_id, m.code, m.message, m.field or None)
 
 
-def session_item(m: pb.SessionEvent) -> GenerateEvent | SessionError | None:
+@dataclass(frozen=True)
+class SessionReconnected(_ToDict):
+    """The Session's stream ended under it (its replica died, or drained and closed the stream) and the client
+    opened a new one, which the channel's load balancing puts on a replica in service; the session goes on.
+
+    `resent` is the latest request, sent again on the new stream because its final event had not arrived: its
+    events start over (drop what it had produced so far). `superseded` are earlier requests that had not
+    ended either: the latest one supersedes them, as the server would have said."""
+
+    previous_replica: str  # "" when the old stream never named its replica
+    cause: str  # "UNAVAILABLE" (the replica went away) or "OK" (it ended the stream while draining)
+    resent: str | None
+    superseded: tuple[str, ...] = ()
+
+    @property
+    def request_id(self) -> str:
+        return self.resent or ""
+
+
+def session_item(m: pb.SessionEvent, replica: str = "") -> GenerateEvent | SessionError | None:
     """A SessionEvent as a GenerateEvent or a SessionError (None: an event kind this client does not know)."""
     kind = m.WhichOneof("event")
     if kind == "generate":
-        return GenerateEvent.from_pb(m.generate)
+        return GenerateEvent.from_pb(m.generate, replica)
     if kind == "error":
         return SessionError.from_pb(m.error)
     return None
@@ -163,11 +183,12 @@ class Completion(_ToDict):
     text: str
     tokens: tuple[Token, ...]
     finish: Finish
+    replica: str = ""  # the server replica that answered (its x-nextword-replica metadata; "" if unnamed)
 
     @classmethod
-    def from_pb(cls, m: pb.CompleteResponse) -> Completion:
+    def from_pb(cls, m: pb.CompleteResponse, replica: str = "") -> Completion:
         tokens = tuple(Token.from_pb(t) for t in m.tokens)
-        return cls(m.request_id, m.text, tokens, Finish.from_pb(m.finish))
+        return cls(m.request_id, m.text, tokens, Finish.from_pb(m.finish), replica)
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,12 @@ def add_serve_command(commands) -> None:
         int,
         help="also serve the OpenAI-compatible HTTP API on this port (default: off; 0: any free port)",
     )
+    flag(
+        "--replica-name",
+        None,
+        help="the name this server gives itself in the x-nextword-replica metadata of its responses, so "
+        "that clients balancing over replicas can tell them apart (default: HOSTNAME:PORT)",
+    )
     flag("--grace", 10.0, float, help="seconds to drain in-flight requests on SIGINT/SIGTERM")
     flag("--log-level", "INFO", help="DEBUG, INFO, WARNING or ERROR (DEBUG adds tracebacks to errors)")
     g = p.add_argument_group("security (docs/security.md)")
@@ -189,6 +195,7 @@ def run_serve(args: argparse.Namespace) -> int:
             tls_client_ca=args.tls_client_ca and Path(args.tls_client_ca),
             token=token,
             reflection=args.reflection,
+            replica=args.replica_name,
         )
         print("nextword: " + config.describe(), flush=True)
         use_one_malloc_arena()  # before the server's threads exist

@@ -1,4 +1,5 @@
-"""Server interceptors: bearer-token authentication, and one access-log line per RPC.
+"""Server interceptors: bearer-token authentication, one access-log line per RPC, and the replica's name on
+every Inference response.
 
 `AccessLog` wraps every handler (those the token check rejects included): when the call ends it writes one
 line with the method, the peer, the request id, the status code, the duration and what the servicer noted
@@ -18,6 +19,7 @@ import grpc
 
 log = logging.getLogger("nextword.requests")
 
+REPLICA_HEADER = "x-nextword-replica"  # initial metadata: which server replica answers (docs/deploy.md)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"  # open without a token: load balancers and probes have none
 MAX_FIELD_CHARS = 80
 MAX_LINE_CHARS = 1000
@@ -176,3 +178,40 @@ def _end(method: str, context, record: dict) -> None:
         line += ": " + sanitize(record["detail"], MAX_LINE_CHARS)
     level = logging.DEBUG if method.startswith(HEALTH_PREFIX) else logging.INFO
     log.log(level, "%s", line[:MAX_LINE_CHARS])
+
+
+class ReplicaName(grpc.aio.ServerInterceptor):
+    """Names this server in the initial metadata (`x-nextword-replica: NAME`) of every response of the
+    Inference service, so that a client balancing over replicas can tell which one answered.
+
+    The metadata goes out with the first response message, not before: a call refused before any response
+    (UNAVAILABLE while loading or draining) has then sent nothing, and a client's retry policy may still send
+    it to another replica (a retry is only possible until the response headers arrive)."""
+
+    def __init__(self, name: str = ""):
+        self.name = name  # set once the port is bound (the default name includes it)
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(HEALTH_PREFIX):
+            return handler
+        inner = getattr(handler, _handler_kind(handler))
+
+        if handler.response_streaming:
+
+            async def behavior(request, context):
+                first = True
+                async for response in inner(request, context):
+                    if first:
+                        first = False
+                        await context.send_initial_metadata(((REPLICA_HEADER, self.name),))
+                    yield response
+
+        else:
+
+            async def behavior(request, context):
+                response = await inner(request, context)
+                await context.send_initial_metadata(((REPLICA_HEADER, self.name),))
+                return response
+
+        return _rebuild(handler, behavior)

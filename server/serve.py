@@ -32,7 +32,7 @@ from nextword.server.engine import Engine
 from nextword.server.engine_thread import EngineThread
 from nextword.server.frontend import Frontend
 from nextword.server.guard import MAX_METADATA_BYTES, RequestGuard
-from nextword.server.interceptors import AccessLog, TokenAuth
+from nextword.server.interceptors import AccessLog, ReplicaName, TokenAuth
 from nextword.server.metrics import Metrics
 from nextword.server.sampling import SamplingParams
 from nextword.server.service import SERVICE_NAME, InferenceService
@@ -67,12 +67,14 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # PEM CA: clients must present a certificate it signed (mutual TLS)
     token: str | None = field(default=None, repr=False)  # every RPC but health needs it as a bearer token
     reflection: bool = True  # gRPC server reflection (grpcurl and friends list the services)
+    replica: str | None = None  # the name sent as x-nextword-replica; None: HOSTNAME:PORT (once bound)
 
     def describe(self) -> str:
         """The start-up configuration line (the token itself is never printed)."""
         shown = {k: v for k, v in vars(self).items() if k != "token"}
         shown["token"] = "set" if self.token else "none"
         shown["model"] = self.model or "default"  # fetched and imported once the port is bound
+        shown["replica"] = self.replica or "HOSTNAME:PORT"
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
     @property
@@ -132,6 +134,7 @@ class NextwordServer:
         self.runner: EngineThread | None = None
         self.ready = asyncio.Event()
         self.port: int | None = None
+        self.replica = ReplicaName()  # its name is set once the port is bound
         self.http_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._http: HTTPServer | None = None
@@ -143,7 +146,9 @@ class NextwordServer:
         """Bind and start answering (NOT_SERVING); the model loads in the background. Returns the port."""
         c = self.config
         interceptors = (
-            [AccessLog()] + ([TokenAuth(c.token)] if c.token else []) + [RequestGuard(self.service)]
+            [AccessLog()]
+            + ([TokenAuth(c.token)] if c.token else [])
+            + [RequestGuard(self.service), self.replica]
         )
         credentials = _server_credentials(c)
         self._server = grpc.aio.server(
@@ -181,6 +186,7 @@ class NextwordServer:
                 f"cannot listen on {address} (in use by another process, or not an address of this machine):"
                 " choose another --port (0 = any free port) or --host"
             )
+        self.replica.name = c.replica or f"{socket.gethostname()}:{self.port}"
         if c.metrics_port is not None:  # before start(): a failure here leaves nothing running
             try:
                 self.metrics_port = await self.metrics.serve(c.metrics_port, c.metrics_host)

@@ -33,6 +33,7 @@ from nextword.client import (
     NextwordError,
     ResourceExhausted,
     SessionError,
+    SessionReconnected,
     SpecialToken,
     Token,
     Tokenized,
@@ -40,7 +41,7 @@ from nextword.client import (
     Usage,
 )
 from nextword.client.cli import main
-from nextword.client.client import AsyncSession
+from nextword.client.client import MAX_RECONNECTS, AsyncSession
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc
 
@@ -249,6 +250,7 @@ def server():
         from grpc_health.v1 import health, health_pb2_grpc
 
         health_servicer = health.HealthServicer()
+        health_servicer.set("nextword.v1.Inference", 1)  # SERVING: the client's balancing sends it calls
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     except ImportError:  # grpcio-health-checking is a server extra
         health_servicer = None
@@ -650,7 +652,9 @@ def test_cli_complete_json_and_show_probs(server, fake, capsys):
     assert main(["complete", "hello", "--json", "--target", server[0]]) == 0
     lines = capsys.readouterr().out.splitlines()
     events = [json.loads(line) for line in lines]
-    assert len(events) == 3 and all(set(e) == {"request_id", "token", "text", "finish"} for e in events)
+    assert len(events) == 3 and all(
+        set(e) == {"request_id", "token", "text", "finish", "replica"} for e in events
+    )
     assert events[-1]["finish"]["reason"] == "stop" and events[-1]["finish"]["usage"]["generated_tokens"] == 3
     assert events[0]["token"]["id"] == 100
 
@@ -846,12 +850,19 @@ def test_async_session_failure_and_cancel(server, fake):
         async with AsyncClient(server[0], timeout=10) as c:
             s = c.session()
             await s.send("hello")
-            await s.send("abort")
-            seen = []
+            aborted = await s.send("abort")
+            seen, reconnects = [], []
             with pytest.raises(Unavailable, match="draining"):
                 async for item in s:
-                    seen.append(item.text)
+                    if isinstance(item, SessionReconnected):
+                        reconnects.append(item)
+                    else:
+                        seen.append(item.text)
             await s.close()  # the error was raised to the iteration already: close() is quiet
+            # UNAVAILABLE: the replica went away; the session tried new streams, resending the unanswered
+            # request, until MAX_RECONNECTS of them in a row had failed before their first event
+            assert len(reconnects) == MAX_RECONNECTS
+            assert all(r.cause == "UNAVAILABLE" and r.resent == aborted for r in reconnects)
 
             unseen = c.session()
             await unseen.send("abort")

@@ -190,7 +190,8 @@ def server():
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
         health_servicer = health.HealthServicer()
-        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        for service_name in ("", "nextword.v1.Inference"):  # the client balances over SERVING replicas
+            health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     except ImportError:  # grpcio-health-checking is a server extra: the probe accepts UNIMPLEMENTED
         pass
