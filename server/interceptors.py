@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hmac
+import inspect
 import logging
 import time
 
@@ -108,7 +109,9 @@ class AccessLog(grpc.aio.ServerInterceptor):
         method = details.method
         inner = getattr(handler, _handler_kind(handler))
 
-        if handler.response_streaming:
+        # a streaming handler is an async generator, or a coroutine that writes with context.write() (the
+        # health service's Watch, which client-side health checking keeps open): that kind is awaited
+        if inspect.isasyncgenfunction(inner):
 
             async def behavior(request, context):
                 record = _begin(request, context)

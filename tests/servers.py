@@ -2,6 +2,10 @@
 the tools that let a test decide when things happen (no test waits for wall-clock time to pass)."""
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -83,3 +87,53 @@ class StepGate:
     def open(self) -> None:
         self.engine.step = self._step
         self._permits.release(1_000_000)  # whoever is waiting in _gated
+
+
+class ServeProcess:
+    """`nextword serve` as a child process on a free loopback port: a replica that a test can drain
+    (SIGTERM), freeze (SIGSTOP) or kill (SIGKILL). Its output is collected by a thread (`lines`)."""
+
+    def __init__(self, model, name: str, *flags: str):
+        self.model, self.name, self.flags = model, name, flags
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nextword.client.cli", "serve", "--model", str(self.model)]
+            + ["--weights", "f32", "--port", "0", "--metrics-port", "-1", "--replica-name", self.name]
+            + list(self.flags),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        threading.Thread(target=self._collect, args=(self.proc, self.lines), daemon=True).start()
+        wait_until(lambda: self._seen("listening on") or self.proc.poll() is not None, "the port is bound")
+        found = re.search(r"listening on ([\d.]+:\d+)", self._seen("listening on") or "")
+        assert found, f"{self.name} did not start:\n" + "".join(self.lines)
+        self.address = found.group(1)
+
+    @staticmethod
+    def _collect(proc: subprocess.Popen, lines: list[str]) -> None:
+        lines.extend(proc.stdout)  # line by line, as they come
+
+    def _seen(self, text: str) -> str | None:
+        return next((line for line in list(self.lines) if text in line), None)
+
+    def wait_ready(self) -> None:
+        wait_until(lambda: self._seen("ready in") or self.proc.poll() is not None, "ready", START_S)
+        assert self.proc.poll() is None, f"{self.name} exited:\n" + "".join(self.lines)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.alive:
+            self.proc.kill()
+        self.proc.wait(SAFETY_S)
