@@ -107,7 +107,9 @@ class ServeProcess:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # one kernel thread each: replicas share this machine's cores (OpenMP threads of several processes
+            # on the same cores wait for each other at every parallel region)
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "NUMBA_NUM_THREADS": "1"},
         )
         threading.Thread(target=self._collect, args=(self.proc, self.lines), daemon=True).start()
         wait_until(lambda: self._seen("listening on") or self.proc.poll() is not None, "the port is bound")
