@@ -4,11 +4,13 @@ the tools that let a test decide when things happen (no test waits for wall-cloc
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from nextword.server.serve import NextwordServer, ServerConfig
 
@@ -91,25 +93,28 @@ class StepGate:
 
 class ServeProcess:
     """`nextword serve` as a child process on a free loopback port: a replica that a test can drain
-    (SIGTERM), freeze (SIGSTOP) or kill (SIGKILL). Its output is collected by a thread (`lines`)."""
+    (SIGTERM), freeze (SIGSTOP) or kill (SIGKILL). Its output is collected by a thread (`lines`).
 
-    def __init__(self, model, name: str, *flags: str):
+    `model` None serves the default model; `threads` is its kernels' thread count (NUMBA_NUM_THREADS): one by
+    default, as replicas share this machine's cores (OpenMP threads of several processes on the same cores wait
+    for each other at every parallel region)."""
+
+    def __init__(self, model, name: str, *flags: str, weights: str = "f32", threads: int = 1):
         self.model, self.name, self.flags = model, name, flags
+        self.weights, self.threads = weights, threads
         self.proc: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         self.lines: list[str] = []
+        model = ["--model", str(self.model)] if self.model else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nextword.client.cli", "serve", "--model", str(self.model)]
-            + ["--weights", "f32", "--port", "0", "--metrics-port", "-1", "--replica-name", self.name]
-            + list(self.flags),
+            [sys.executable, "-m", "nextword.client.cli", "serve", *model, "--weights", self.weights]
+            + ["--port", "0", "--metrics-port", "-1", "--replica-name", self.name, *self.flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            # one kernel thread each: replicas share this machine's cores (OpenMP threads of several processes
-            # on the same cores wait for each other at every parallel region)
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "NUMBA_NUM_THREADS": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "NUMBA_NUM_THREADS": str(self.threads)},
         )
         threading.Thread(target=self._collect, args=(self.proc, self.lines), daemon=True).start()
         wait_until(lambda: self._seen("listening on") or self.proc.poll() is not None, "the port is bound")
@@ -139,3 +144,51 @@ class ServeProcess:
         if self.alive:
             self.proc.kill()
         self.proc.wait(SAFETY_S)
+
+
+NGINX_CONF = Path(__file__).parent.parent / "deploy" / "nginx" / "nextword.conf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def nginx_proxy(binary: str, upstreams: list[str], folder: Path):
+    """deploy/nginx/nextword.conf as shipped, its upstream pointed at `upstreams` (host:port) and its listen
+    address at a free port, run by `binary` in a minimal nginx.conf of its own (pid, logs and temporary files
+    in `folder`). Yields the proxy's host:port once it listens."""
+    conf = NGINX_CONF.read_text()
+    servers = "".join(f"    server {a} max_fails=1 fail_timeout=5s;\n" for a in upstreams)
+    conf, n = re.subn(r"(    server 127\.0\.0\.1:\d+ [^\n]*\n)+", servers, conf)
+    assert n == 1, "the upstream's server lines moved: update tests/servers.py"
+    port = free_port()
+    conf, n = re.subn(r"listen 127\.0\.0\.1:\d+ http2;", f"listen 127.0.0.1:{port} http2;", conf)
+    assert n == 1, "the listen line moved: update tests/servers.py"
+    (folder / "nextword.conf").write_text(conf)
+    temp = "".join(f"    {kind}_temp_path {folder}/{kind};\n" for kind in ("client_body", "proxy"))
+    (folder / "nginx.conf").write_text(
+        f"worker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log warn;\n"
+        f"events {{ worker_connections 1024; }}\n"
+        f"http {{\n    access_log off;\n{temp}    include {folder}/nextword.conf;\n}}\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", "stderr", "-g", "daemon off;"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def listening() -> bool:
+        assert proc.poll() is None, f"nginx exited: {proc.stdout.read()}"
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(listening, "nginx listens")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(SAFETY_S)

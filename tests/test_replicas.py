@@ -10,22 +10,16 @@ test leaves one replica of three.
 
 import asyncio
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
 from collections import Counter
-from pathlib import Path
 
 import pytest
-from servers import SAFETY_S, ServeProcess, wait_until
+from servers import SAFETY_S, ServeProcess, nginx_proxy, wait_until
 from tiny_models import write_tiny_model
 
 from nextword.client import AsyncClient, Client, NextwordError, SessionReconnected
 
-ROOT = Path(__file__).parent.parent
-NGINX_CONF = ROOT / "deploy" / "nginx" / "nextword.conf"
 LONG = 300  # tokens of a stream that must still be running when its replica is killed
 
 
@@ -77,59 +71,10 @@ def nginx_binary() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def nginx(replicas, tmp_path):
-    """deploy/nginx/nextword.conf as shipped, its upstream pointed at two replicas and its listen address at a
-    free port, in a minimal nginx.conf of its own (pid, logs and temporary files in tmp_path)."""
-    binary = nginx_binary()
-    conf = NGINX_CONF.read_text()
-    servers = "".join(f"    server {p.address} max_fails=1 fail_timeout=5s;\n" for p in replicas[:2])
-    conf, n = re.subn(r"(    server 127\.0\.0\.1:\d+ [^\n]*\n)+", servers, conf)
-    assert n == 1, "the upstream's server lines moved: update this test"
-    port = free_port()
-    conf, n = re.subn(r"listen 127\.0\.0\.1:\d+ http2;", f"listen 127.0.0.1:{port} http2;", conf)
-    assert n == 1, "the listen line moved: update this test"
-    (tmp_path / "nextword.conf").write_text(conf)
-    temp = "".join(f"    {kind}_temp_path {tmp_path}/{kind};\n" for kind in ("client_body", "proxy"))
-    (tmp_path / "nginx.conf").write_text(
-        f"worker_processes 1;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log warn;\n"
-        f"events {{ worker_connections 256; }}\n"
-        f"http {{\n    access_log off;\n{temp}    include {tmp_path}/nextword.conf;\n}}\n"
-    )
-    proc = subprocess.Popen(
-        [
-            binary,
-            "-p",
-            str(tmp_path),
-            "-c",
-            str(tmp_path / "nginx.conf"),
-            "-e",
-            "stderr",
-            "-g",
-            "daemon off;",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-    def listening() -> bool:
-        assert proc.poll() is None, f"nginx exited: {proc.stdout.read()}"
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(listening, "nginx listens")
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(SAFETY_S)
+    with nginx_proxy(nginx_binary(), [p.address for p in replicas[:2]], tmp_path) as address:
+        yield address
 
 
 def test_nginx_proxies_streams_and_sessions_to_both_replicas(replicas, nginx):
