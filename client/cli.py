@@ -120,7 +120,8 @@ def add_connection_flags(common: argparse.ArgumentParser) -> None:
     common.add_argument(
         "--target",
         default=os.environ.get("NEXTWORD_TARGET", DEFAULT_TARGET),
-        help="server address, HOST:PORT [$NEXTWORD_TARGET]",
+        help="server address: HOST:PORT, or any gRPC target: several replicas as ipv4:HOST:PORT,HOST:PORT or "
+        "dns:///NAME:PORT (calls go round-robin to those SERVING), unix:PATH (docs/deploy.md) [$NEXTWORD_TARGET]",
     )
     common.add_argument(
         "--timeout", type=float, default=None, help="deadline of each call, in seconds (default: none)"
@@ -313,6 +314,7 @@ def add_load_command(commands, common: argparse.ArgumentParser) -> None:
             "nextword load --rate 4 --duration 30 --json > result.json",
             "nextword load --scenario typist --concurrency 4 --num-requests 20",
             "nextword load --protocol http --target 127.0.0.1:8000 --concurrency 16",
+            "nextword load --target ipv4:127.0.0.1:50051,127.0.0.1:50052 --concurrency 16   # per-replica counts",
         ),
     )
     g = p.add_argument_group("load")
