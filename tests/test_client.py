@@ -41,7 +41,7 @@ from nextword.client import (
     Usage,
 )
 from nextword.client.cli import main
-from nextword.client.client import MAX_RECONNECTS, AsyncSession
+from nextword.client.client import MAX_RECONNECTS, AsyncSession, is_loopback_target
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc
 
@@ -92,6 +92,7 @@ class FakeInference(nextword_pb2_grpc.InferenceServicer):
         self.requests = []
         self.ended = threading.Event()  # a slow stream's RPC terminated
         self.slow_sent = 0
+        self.drained = False
 
     def _fail_on(self, text: str, context) -> None:
         if text == "bad-field":
@@ -188,10 +189,14 @@ class FakeInference(nextword_pb2_grpc.InferenceServicer):
 
     def Session(self, request_iterator, context):
         """Echo each request's events in turn; "bad-field" is answered in-band, "typing" is superseded at
-        once, "abort" fails the whole stream."""
+        once, "abort" fails the whole stream, "drain" ends it OK unanswered the first time (as a draining
+        replica drops a request it has not started)."""
         for request in request_iterator:
             self.requests.append(request)
             text = prompt_text(request.prompt)
+            if text == "drain" and not self.drained:
+                self.drained = True
+                return
             if text == "bad-field":
                 error = pb.SessionError(
                     request_id=request.request_id,
@@ -954,6 +959,46 @@ def test_suggester_logs_an_in_band_session_error(server, fake):
 
     assert asyncio.run(scenario()) == ""
     assert logs == ["nextword: INVALID_ARGUMENT: temperature must be in [0, 100]"]
+
+
+def test_sync_session_reconnects_when_the_server_ends_it_unanswered(client, fake):
+    """A draining replica ends each Session after its live request, dropping one it has not started: the
+    session opens a new stream, sends that request again, and says so."""
+    fake.drained = False
+    with client.session() as s:
+        s.send("hello", request_id="h1")
+        s.send("drain", request_id="d1")
+        items = []
+        for item in s:
+            items.append(item)
+            if getattr(item, "finish", None) is not None and item.request_id == "d1":
+                break
+    told = [i for i in items if isinstance(i, SessionReconnected)]
+    assert told == [SessionReconnected(previous_replica="", cause="OK", resent="d1", superseded=())]
+    after = items[items.index(told[0]) + 1 :]
+    assert [e.text for e in after] == REPLY and {e.request_id for e in after} == {"d1"}
+    assert [prompt_text(r.prompt) for r in fake.requests] == ["hello", "drain", "drain"]
+
+
+@pytest.mark.parametrize(
+    "target, loopback",
+    [
+        ("127.0.0.1:50051", True),
+        ("localhost:50051", True),
+        ("[::1]:50051", True),
+        ("10.0.0.5:50051", False),
+        ("ipv4:127.0.0.1:50051,127.0.0.2:50052", True),
+        ("ipv4:127.0.0.1:50051,10.0.0.5:50051", False),  # every address must be this machine
+        ("ipv6:[::1]:50051", True),
+        ("dns:///localhost:50051", True),
+        ("dns://8.8.8.8/localhost:50051", True),  # the authority is the DNS server, not the target
+        ("dns:///nextword-headless:50051", False),
+        ("unix:/run/nextword.sock", True),
+    ],
+)
+def test_every_target_form_is_judged_loopback_or_not(target, loopback):
+    """A token goes without TLS only to this machine: judged over every address of any gRPC target."""
+    assert is_loopback_target(target) is loopback
 
 
 def test_sync_session(client, fake):
