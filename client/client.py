@@ -467,7 +467,8 @@ class Client(_ClientBase):
         return Completion.from_pb(response, replica_of(call.initial_metadata()))
 
     def session(self, *, timeout: float | None = None) -> Session:
-        """Open a Session: `send()` one request per keystroke, iterate for GenerateEvent / SessionError items.
+        """Open a Session: `send()` one request per keystroke, iterate for GenerateEvent / SessionError items
+        (and SessionReconnected, when its replica went away and the session moved to another one).
 
         Each new request supersedes the one in flight (finish reason "superseded"). A reader thread receives
         the events; `close()` half-closes and waits for the server to end the stream. Use it as a context
