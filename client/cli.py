@@ -888,7 +888,8 @@ def print_error(e: NextwordError, target: str | None = None) -> None:
     """One line: the status code, the server's message, and a hint when the cause is recognisable."""
     message, hint = e.message, ""
     first = message.splitlines()[0] if message else ""
-    if e.code_name == "UNAVAILABLE" and "failed to connect" in message:
+    # pick_first says "failed to connect to all addresses", round_robin "... Failed to connect to remote host"
+    if e.code_name == "UNAVAILABLE" and "failed to connect" in message.lower():
         where = f" at {target}" if target else ""
         if "Connection refused" in message or "Socket closed" in message or "Connection reset" in message:
             first = f"no server{where} (connection refused)"

@@ -61,6 +61,7 @@ class HttpFinish:
 class HttpEvent:
     token: bool | None  # a token arrived (its text is not needed to measure)
     finish: HttpFinish | None
+    replica: str = ""  # not told over HTTP: the load report's per-replica counts are gRPC's
 
 
 class HttpClient:
