@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the replica and nginx launchers the t
 
 from servers import ServeProcess, nginx_proxy
 
+from nextword.client.load import format_result
+
 
 def load(target: str, concurrency: int, requests: int, args) -> dict:
     """One `nextword load` run, as a user runs it; its --json summary."""
@@ -83,7 +85,7 @@ def main() -> None:
     args = p.parse_args()
     nginx = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
     cores = len(os.sched_getaffinity(0))
-    rows, memory = [], {}
+    rows, memory, report = [], {}, None
     for n in sorted(set(args.replicas) | ({args.proxy_replicas} if args.proxy_replicas else set())):
         threads = max(1, cores // n)
         print(f"starting {n} replica(s), {threads} kernel thread(s) each ...", file=sys.stderr, flush=True)
@@ -97,7 +99,9 @@ def main() -> None:
             direct = "ipv4:" + ",".join(proc.address for proc in procs)
             for c in args.concurrency:
                 print(f"  {n} replica(s), {c} streams, direct ...", file=sys.stderr, flush=True)
-                rows.append(row("direct", n, c, load(direct, c, c * args.requests_per_stream, args)))
+                summary = load(direct, c, c * args.requests_per_stream, args)
+                rows.append(row("direct", n, c, summary))
+                report = report or (n > 1 and (direct, summary))  # shown as `nextword load` prints it
                 if n == args.proxy_replicas and nginx:
                     with (
                         tempfile.TemporaryDirectory() as folder,
@@ -131,6 +135,9 @@ def main() -> None:
         "resident memory after the runs (MiB): "
         + "; ".join(f"{n} replica(s): {m}" for n, m in memory.items())
     )
+    if report:
+        target, summary = report
+        print(f"\nnextword load --target {target} ... prints:\n{format_result(summary)}")
     if not nginx:
         print("nginx is not installed (apt-get install nginx-light): no proxy rows")
     if args.json:

@@ -17,6 +17,7 @@ from tiny_models import write_tiny_model
 
 from nextword.client import Client, Unavailable
 from nextword.client.cli import main
+from nextword.client.client import PROBE_SERVICE_CONFIG
 from nextword.server.engine import Engine
 from nextword.server.sampling import SamplingParams
 from nextword.server.serve import NextwordServer, ServerConfig
@@ -256,7 +257,10 @@ def test_unavailable_with_retry_info_while_loading(folder, monkeypatch):
         srv = NextwordServer(server_config(model=folder, weights="f32", kv_cache_tokens=256))
         port = run(srv.start())
         try:
-            with Client(f"127.0.0.1:{port}", timeout=SAFETY_S) as c:
+            # without health gating (the default client sends nothing to a replica not SERVING): the calls
+            # reach the loading server, which answers them
+            ungated = {"grpc.service_config": PROBE_SERVICE_CONFIG}
+            with Client(f"127.0.0.1:{port}", timeout=SAFETY_S, options=ungated) as c:
                 assert c.health() == "NOT_SERVING"
                 for call in (
                     c.model_info,
