@@ -60,6 +60,11 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
+def kv_mib(metrics: dict[str, float]) -> int:
+    """The KV cache's resident (written) MiB: anonymous memory too, since the cache is an anonymous mapping."""
+    return int(metrics["nextword_kv_cache_resident_bytes"]) >> 20
+
+
 def text(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
@@ -124,8 +129,8 @@ def main() -> None:
         for i in range(args.workers)
     ]
     rows, started = [], time.monotonic()
-    print("| t (s) | RSS MiB | anon MiB | threads | live seqs | KV used |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| t (s) | RSS MiB | anon MiB | of which KV MiB | threads | live seqs | KV used |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for w in workers:
             w.start()
@@ -134,7 +139,7 @@ def main() -> None:
             live = m["nextword_running_sequences"] + m["nextword_waiting_requests"]
             rows.append((elapsed, s["anon"]))
             print(
-                f"| {elapsed:.0f} | {s['rss']} | {s['anon']} | {s['threads']} | {live:.0f} | "
+                f"| {elapsed:.0f} | {s['rss']} | {s['anon']} | {kv_mib(m)} | {s['threads']} | {live:.0f} | "
                 f"{m['nextword_kv_cache_used_ratio']:.0%} |",
                 flush=True,
             )
@@ -146,7 +151,7 @@ def main() -> None:
         m, s = scrape(metrics_url), proc_status(proc.pid)
         live = m["nextword_running_sequences"] + m["nextword_waiting_requests"]
         print(
-            f"| idle | {s['rss']} | {s['anon']} | {s['threads']} | {live:.0f} | {m['nextword_kv_cache_used_ratio']:.0%} |"
+            f"| idle | {s['rss']} | {s['anon']} | {kv_mib(m)} | {s['threads']} | {live:.0f} | {m['nextword_kv_cache_used_ratio']:.0%} |"
         )
     finally:
         stop.set()

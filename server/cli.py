@@ -166,7 +166,7 @@ def run_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        from nextword.server.memory import use_one_malloc_arena
+        from nextword.server.memory import use_server_malloc_policy
         from nextword.server.serve import ServerConfig, StartupError, serve
     except ModuleNotFoundError as e:
         raise MissingExtra(e.name, "server") from e
@@ -198,7 +198,7 @@ def run_serve(args: argparse.Namespace) -> int:
             replica=args.replica_name,
         )
         print("nextword: " + config.describe(), flush=True)
-        use_one_malloc_arena()  # before the server's threads exist
+        use_server_malloc_policy()  # before the server's threads exist
         return asyncio.run(serve(config))
     except (StartupError, ValueError) as e:
         logging.getLogger("nextword.serve").debug("start-up failed", exc_info=True)

@@ -2,8 +2,13 @@
 how much of a lazily mapped array is resident.
 
 glibc keeps freed memory inside the process: in one arena per thread that ever allocated (the engine, gRPC
-and metrics threads: ~20 MiB here), and in freed blocks between the live ones. Measured with
-benchmarks/memory.py. Without glibc the two malloc functions do nothing.
+and metrics threads: ~20 MiB here), and in freed blocks between the live ones. Worst are the large ones: by
+default glibc maps a large block (128 KiB+) of its own and unmaps it when freed, but each such free raises
+that threshold to the block's size (up to 32 MiB), so from then on the engine's activations (a few MiB per
+step, their sizes changing with every batch) come from the heap, whose freed holes stay resident while the
+engine is busy: the soak benchmark's anonymous memory climbed ~0.7 MiB/s under load (heap 168 MiB for 52
+in use). A fixed threshold keeps large buffers out of the heap. Measured with benchmarks/memory.py and
+benchmarks/soak.py. Without glibc the two malloc functions do nothing.
 """
 
 from __future__ import annotations
@@ -13,17 +18,22 @@ import mmap
 
 import numpy as np
 
-M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
+M_MMAP_THRESHOLD = -3  # mallopt parameters, from glibc's malloc.h
+M_ARENA_MAX = -8
+LARGE_BLOCK_BYTES = 256 << 10  # mapped on its own and unmapped when freed: a step's activations, not a logits row
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already uses
 _glibc = hasattr(_libc, "malloc_trim")
 
 
-def use_one_malloc_arena() -> None:
-    """Let every thread allocate from the main arena. Call before threads start. The engine thread is the
-    only heavy allocator (numpy buffers, once per step), so the lock this shares is seldom contended."""
+def use_server_malloc_policy() -> None:
+    """Let every thread allocate from the main arena, and give every large block its own mapping, returned
+    to the OS when freed (setting the threshold also stops glibc from raising it). Call before threads start.
+    The engine thread is the only heavy allocator (numpy buffers, once per step), so the lock this shares is
+    seldom contended."""
     if _glibc:
         _libc.mallopt(M_ARENA_MAX, 1)
+        _libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
 
 
 def release_freed_memory() -> None:

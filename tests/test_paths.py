@@ -311,7 +311,7 @@ def serve_config_of(monkeypatch, argv) -> ServerConfig:
         return 0
 
     monkeypatch.setattr(serve_module, "serve", capture)
-    monkeypatch.setattr("nextword.server.memory.use_one_malloc_arena", lambda: None)
+    monkeypatch.setattr("nextword.server.memory.use_server_malloc_policy", lambda: None)
     assert main(["serve", *argv]) == 0
     return seen[0]
 
