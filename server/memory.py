@@ -20,7 +20,8 @@ import numpy as np
 
 M_MMAP_THRESHOLD = -3  # mallopt parameters, from glibc's malloc.h
 M_ARENA_MAX = -8
-LARGE_BLOCK_BYTES = 256 << 10  # mapped on its own and unmapped when freed: a step's activations, not a logits row
+# Blocks this large are mapped on their own and unmapped when freed: a step's activations, not one logits row.
+LARGE_BLOCK_BYTES = 256 << 10
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already uses
 _glibc = hasattr(_libc, "malloc_trim")
