@@ -24,6 +24,10 @@ from nextword.server.memory import release_freed_memory
 
 log = logging.getLogger("nextword.engine")
 
+# Freed memory is returned to the OS when the engine goes idle, and at least this often while it is busy (a
+# server under steady load may never be idle): malloc_trim takes a few ms.
+RELEASE_EVERY_S = 10.0
+
 
 class EngineThread:
     def __init__(self, engine: Engine, on_step=None):
@@ -89,6 +93,7 @@ class EngineThread:
 
     def _run(self) -> None:
         busy = False  # work was done since the engine was last idle
+        released_at = self.engine.clock()
         while not self._stopping:
             self._wake.clear()  # before looking for work, so a submit in between is never missed
             called = self._run_calls()
@@ -97,10 +102,13 @@ class EngineThread:
                 if not called:
                     if busy:  # going idle: the buffers of the last steps are free, return them
                         release_freed_memory()
-                        busy = False
+                        busy, released_at = False, self.engine.clock()
                     self._wake.wait()
                 continue
             busy = True
+            if self.engine.clock() - released_at >= RELEASE_EVERY_S:  # busy for long: don't wait for idle
+                release_freed_memory()
+                released_at = self.engine.clock()
             try:
                 if self.engine.step() == 0:  # only waiting requests, none admissible yet: don't spin
                     self._wake.wait(0.005)

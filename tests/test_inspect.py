@@ -217,6 +217,27 @@ def test_freed_memory_is_released_once_per_idle_period(tmp_path, monkeypatch):
         thread.stop()
 
 
+def test_freed_memory_is_released_every_so_often_while_busy(tmp_path, monkeypatch):
+    """A server under steady load is never idle: it releases freed memory every RELEASE_EVERY_S of engine
+    clock too (injected here: one second per step)."""
+    write_tiny_model(tmp_path, "llama", seed=3)
+    engine = Engine.load(tmp_path, kv_cache_tokens=64, block_size=4)
+    engine.clock = lambda: float(engine.steps)
+    released = []
+    monkeypatch.setattr(engine_thread, "release_freed_memory", lambda: released.append(engine.steps))
+    thread = EngineThread(engine)
+    done = threading.Event()
+    params = SamplingParams(temperature=0.0, max_new_tokens=35, ignore_eos=True)
+    thread.submit([5, 6, 7], params, lambda step: getattr(step, "finish", None) and done.set())
+    thread.start()  # busy from its first step to its ~36th
+    try:
+        assert done.wait(SAFETY_S)
+    finally:
+        thread.stop()
+    busy = [steps for steps in released if steps < 35]
+    assert busy == [10, 20, 30]  # every 10 steps (10 s of its clock), not only once idle
+
+
 def wait_idle_after(watch: IdleWatch, condition) -> None:
     """Wait for the idle entries of the thread until `condition()` holds (each work period ends in one)."""
     while not condition():
