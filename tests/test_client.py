@@ -249,7 +249,10 @@ class FakeInference(nextword_pb2_grpc.InferenceServicer):
 def server():
     """A threaded gRPC server on a free loopback port: the fake servicer, plus grpc.health.v1 when installed."""
     service = FakeInference()
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=6))
+    # Every client channel keeps a Health/Watch stream open (client-side health checking), and a threaded
+    # server gives each open stream a worker: with 6, a few channels not yet closed left the Sessions
+    # waiting for a worker until their deadline (seen once beside a CPU hog).
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     nextword_pb2_grpc.add_InferenceServicer_to_server(service, grpc_server)
     try:
         from grpc_health.v1 import health, health_pb2_grpc
