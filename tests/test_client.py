@@ -249,9 +249,9 @@ class FakeInference(nextword_pb2_grpc.InferenceServicer):
 def server():
     """A threaded gRPC server on a free loopback port: the fake servicer, plus grpc.health.v1 when installed."""
     service = FakeInference()
-    # Every client channel keeps a Health/Watch stream open (client-side health checking), and a threaded
-    # server gives each open stream a worker: with 6, a few channels not yet closed left the Sessions
-    # waiting for a worker until their deadline (seen once beside a CPU hog).
+    # A threaded server gives each open stream a worker until its handler returns (the slow streams' and
+    # the Health/Watch of client-side health checking among them): with 6 workers, two Sessions once waited
+    # past their deadline beside a CPU hog, most likely for a worker.
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     nextword_pb2_grpc.add_InferenceServicer_to_server(service, grpc_server)
     try:
