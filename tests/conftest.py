@@ -17,6 +17,16 @@ def smollm2_folder() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A tiny Llama model folder (random weights, a small tokenizer), for tests of the server, not the model."""
+    from tiny_models import write_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    write_tiny_model(folder, "llama")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_folder):
     """One engine on the real model for the whole run (kernels compile once)."""
     from nextword.server.engine import Engine

@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from servers import running_server
-from tiny_models import write_tiny_model
 
 from nextword.client import Client, NextwordError, Unavailable
 from nextword.client.cli import main as cli_main
@@ -96,16 +95,9 @@ def _token_file(path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    write_tiny_model(folder, "llama")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tls_server(tiny, pki):
+def tls_server(tiny_folder, pki):
     with running_server(
-        model=tiny,
+        model=tiny_folder,
         weights="f32",
         tls_cert=pki["server_cert"],
         tls_key=pki["server_key"],
@@ -115,9 +107,9 @@ def tls_server(tiny, pki):
 
 
 @pytest.fixture(scope="module")
-def mtls_server(tiny, pki):
+def mtls_server(tiny_folder, pki):
     with running_server(
-        model=tiny,
+        model=tiny_folder,
         weights="f32",
         tls_cert=pki["server_cert"],
         tls_key=pki["server_key"],
@@ -236,7 +228,7 @@ def test_load_works_with_tls_and_token(tls_server, pki, capsys, monkeypatch):
     assert result["completed"] == 4 and not result["errors"]
 
 
-def test_reflection_can_be_turned_off(tiny):
+def test_reflection_can_be_turned_off(tiny_folder):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     def services(srv):
@@ -249,12 +241,12 @@ def test_reflection_can_be_turned_off(tiny):
                 return e.code()
             return {s.name for s in response.list_services_response.service}
 
-    with running_server(model=tiny, weights="f32", reflection=False) as srv:
+    with running_server(model=tiny_folder, weights="f32", reflection=False) as srv:
         assert services(srv) == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_metrics_stay_on_loopback_when_grpc_listens_everywhere(tiny):
-    with running_server(model=tiny, weights="f32", host="0.0.0.0") as srv:
+def test_metrics_stay_on_loopback_when_grpc_listens_everywhere(tiny_folder):
+    with running_server(model=tiny_folder, weights="f32", host="0.0.0.0") as srv:
         with Client(f"127.0.0.2:{srv.port}", timeout=10) as c:  # gRPC: on every address
             assert c.health() == "SERVING"
         url = f"http://127.0.0.1:{srv.metrics_port}/metrics"
@@ -263,13 +255,13 @@ def test_metrics_stay_on_loopback_when_grpc_listens_everywhere(tiny):
             socket.create_connection(("127.0.0.2", srv.metrics_port), timeout=5).close()
 
 
-def test_exposed_in_clear_is_what_the_warning_checks(tiny):
-    config = ServerConfig(model=tiny)
+def test_exposed_in_clear_is_what_the_warning_checks(tiny_folder):
+    config = ServerConfig(model=tiny_folder)
     assert not config.exposed_in_clear  # loopback
-    assert ServerConfig(model=tiny, host="0.0.0.0").exposed_in_clear
-    assert ServerConfig(model=tiny, host="0.0.0.0", tls_cert="c", token="t").exposed_in_clear is False
-    assert ServerConfig(model=tiny, host="0.0.0.0", token="t").exposed_in_clear
-    assert TOKEN not in ServerConfig(model=tiny, token=TOKEN).describe()  # never printed
+    assert ServerConfig(model=tiny_folder, host="0.0.0.0").exposed_in_clear
+    assert ServerConfig(model=tiny_folder, host="0.0.0.0", tls_cert="c", token="t").exposed_in_clear is False
+    assert ServerConfig(model=tiny_folder, host="0.0.0.0", token="t").exposed_in_clear
+    assert TOKEN not in ServerConfig(model=tiny_folder, token=TOKEN).describe()  # never printed
 
 
 def test_one_sanitized_log_line_per_request_for_every_rpc(tls_server, pki, caplog):

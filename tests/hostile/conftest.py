@@ -4,16 +4,8 @@
 import grpc
 import pytest
 from servers import running_server
-from tiny_models import write_tiny_model
 
 from nextword.v1 import nextword_pb2_grpc
-
-
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    write_tiny_model(folder, "llama")
-    return folder
 
 
 @pytest.fixture(scope="module")
