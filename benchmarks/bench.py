@@ -69,8 +69,28 @@ def llama_batched_bench(binary: Path, gguf: Path, threads: int) -> float | None:
     """llama.cpp's own batched decode: S_TG (generation tokens/s) with 16 parallel sequences."""
     if not binary.exists():
         return None
-    cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-tb", str(threads), "-c", "4096", "-b", "2048",
-           "-ub", "512", "-npp", "32", "-ntg", "64", "-npl", "16"]  # fmt: skip
+    cmd = [
+        str(binary),
+        "-m",
+        str(gguf),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-c",
+        "4096",
+        "-b",
+        "2048",
+        "-ub",
+        "512",
+        "-npp",
+        "32",
+        "-ntg",
+        "64",
+        "-npl",
+        "16",
+        "--no-repack",
+    ]  # fmt: skip  (repacking picks ggml's AMX kernels where the CPU lists AMX: they segfault)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows = [r for r in out.splitlines() if re.match(r"\|\s+32\s+\|\s+64\s+\|\s+16\s+\|", r)]
     return (

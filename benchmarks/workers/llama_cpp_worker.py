@@ -7,10 +7,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+import llama_cpp
 from llama_cpp import Llama
 from prompts import LONG_TEXT, MEDIUM_PROMPT, NEW_TOKENS, SHORT_PROMPT, rss_mib
 
 gguf, threads = sys.argv[1], int(sys.argv[2])
+
+# No weight repacking (llama-server's --no-repack): on a CPU that lists AMX, repacking picks ggml's AMX
+# kernels, which segfault in the first decode on these VMs. The binding has no flag for it.
+_default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+
+def _params_without_repack():
+    params = _default_params()
+    params.use_extra_bufts = False
+    return params
+
+
+llama_cpp.llama_cpp.llama_model_default_params = _params_without_repack
 llm = Llama(
     model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=8192, n_batch=512, verbose=False
 )
@@ -36,16 +50,12 @@ def prefill_tps(prompt_ids):
     llm.reset()
     started = time.perf_counter()
     llm.eval(prompt_ids)
-    import llama_cpp
-
     llama_cpp.llama_synchronize(llm._ctx.ctx)
     return len(prompt_ids) / (time.perf_counter() - started)
 
 
 def isa() -> str:
     """The widest x86 vector extension llama.cpp was built with (from its system info)."""
-    import llama_cpp
-
     info = llama_cpp.llama_print_system_info().decode()
     widest = next((f for f in ("AVX512", "AVX2", "AVX") if f"{f} = 1" in info), "baseline")
     return f"{widest.lower()} (llama.cpp build: {' '.join(x.strip() for x in info.split('|') if '= 1' in x)})"
