@@ -290,6 +290,7 @@ class ModelInfo(_ToDict):
     parameters: int
     kernel_path: str  # "avx2" or "portable"
     instruction_set: str  # e.g. "avx2 (LLVM cpu znver3)"
+    kv_cache_dtype: str  # f32 or f16
     limits: Limits
     defaults: dict = field(hash=False)  # the sampling defaults by field name, plus "max_new_tokens"
 
@@ -321,6 +322,7 @@ class ModelInfo(_ToDict):
             parameters=m.parameters,
             kernel_path=m.kernel_path,
             instruction_set=m.instruction_set,
+            kv_cache_dtype=m.kv_cache_dtype,
             limits=limits,
             defaults=defaults,
         )

@@ -3,6 +3,8 @@
 The projections arrive fused: each token's row of `qkv` is [q heads | k heads | v heads], each head Dh wide.
 The KV cache of one layer is a pool of blocks, `k_cache[block, slot_in_block, kv_head, :]`; a sequence owns a
 list of blocks (its row of `block_tables`), so sequences grow without copying and share nothing by accident.
+The cache holds float32 or float16 bits (uint16: half of what long-context attention reads; converted to float32
+as they are read, by F16C on the AVX2 path), written by `cache_write` from rows already in its dtype.
 Order within a layer: `rope_qk` -> `cache_write` (the new tokens' k/v land in their slots) -> `paged_attention`
 (each new token attends to every cached position of its sequence up to its own).
 """
@@ -10,9 +12,12 @@ Order within a layer: `rope_qk` -> `cache_write` (the new tokens' k/v land in th
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, overload
 
-from nextword.kernels import FASTMATH
+from nextword.kernels import FASTMATH, isa
+
+HAVE_F16C = isa.target().avx2  # F16C comes with the AVX2 path (nextword.kernels.isa)
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -80,6 +85,44 @@ def fast_exp(x):
     return (p * r * r + r + np.float32(1.0)) * scale
 
 
+def _kv(x):
+    """A cached key or value as float32: the cache holds float32, or float16 bits (uint16)."""
+
+
+@overload(_kv, inline="always")
+def _kv_overload(x):
+    if x == types.float32:
+        return lambda x: x
+    if x == types.uint16:
+        return (lambda x: _f16_bits_to_f32(x)) if HAVE_F16C else (lambda x: _f16_bits_to_f32_portable(x))
+    raise TypingError(f"a KV cache holds float32 or float16 bits (uint16), not {x}")
+
+
+@intrinsic
+def _f16_bits_to_f32(typingctx, h):
+    """fp16 bits -> float32 by LLVM fpext (vcvtph2ps with F16C; vectorizes in loops)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _f16_bits_to_f32_portable(h):
+    """fp16 bits -> float32 with integer ops (no F16C: LLVM's fpext would call a runtime function)."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if e == 0:  # zero or subnormal: mant * 2**-24, exact in float32
+        v = np.float32(mant) * np.float32(5.9604644775390625e-08)
+        return -v if sign else v
+    if e == 31:  # inf / nan
+        return _bits_to_f32(np.int32(sign | np.uint32(0x7F800000) | (mant << np.uint32(13))))
+    return _bits_to_f32(np.int32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (mant << np.uint32(13))))
+
+
 TILE = 16  # query tokens of one sequence processed together: each cached K/V row is read once per tile
 
 
@@ -107,16 +150,17 @@ def _query_tiles(token_seq, positions):
 
 
 CONTEXT_CHUNK = (
-    256  # cached positions per partial softmax (flash-decoding); a multiple of nothing in particular
+    256  # cached positions per partial softmax (flash-decoding): a decode token's unit of parallel work
 )
 
 
 @njit(cache=True, nogil=True)
-def _work_items(tiles, positions, n_kv_heads, chunk):
-    """Work items of paged_attention: [tile, kv head, first chunk, end chunk] rows. A one-token tile (a decode
-    token, usually) gets one item per chunk of its context, so that a long context keeps every core busy at
-    batch 1; a longer tile takes all its chunks in one item. Also returns the offset of each tile's chunks
-    in the scratch of partial results, and the scratch's number of chunk slots."""
+def _work_items(tiles, positions, chunk):
+    """Work items of paged_attention: [tile, first chunk, end chunk] rows, every kv head in each (a cache
+    block holds all kv heads of its positions: an item reads whole blocks, front to back). A one-token tile
+    (a decode token, usually) gets one item per chunk of its context, so that a long context keeps every
+    core busy at batch 1; a longer tile takes all its chunks in one item. Also returns the offset of each
+    tile's chunks in the scratch of partial results, and the scratch's number of chunk slots."""
     n_tiles = tiles.shape[0] - 1
     offsets = np.empty(n_tiles + 1, dtype=np.int64)
     offsets[0] = 0
@@ -125,81 +169,92 @@ def _work_items(tiles, positions, n_kv_heads, chunk):
         nc = (positions[tiles[tile + 1] - 1] + chunk) // chunk  # chunks of positions 0..last
         offsets[tile + 1] = offsets[tile] + nc
         n_items += nc if tiles[tile + 1] - tiles[tile] == 1 else 1
-    items = np.empty((n_items * n_kv_heads, 4), dtype=np.int64)
+    items = np.empty((n_items, 3), dtype=np.int64)
     i = 0
     for tile in range(n_tiles):
         nc = offsets[tile + 1] - offsets[tile]
         split = tiles[tile + 1] - tiles[tile] == 1
-        for g in range(n_kv_heads):
-            for c in range(nc if split else 1):
-                items[i, 0], items[i, 1] = tile, g
-                items[i, 2], items[i, 3] = (c, c + 1) if split else (0, nc)
-                i += 1
+        for c in range(nc if split else 1):
+            items[i, 0] = tile
+            items[i, 1], items[i, 2] = (c, c + 1) if split else (0, nc)
+            i += 1
     return items, offsets
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _chunk_softmax(parts, q, scores, k_cache, v_cache, table, g, first, group, c0, c1):
-    """Partial attention of the tile's rows over cached positions c0 .. c1-1: per row r, parts[r, 0] = the
-    max score m it sees there, parts[r, 1] = sum exp(score - m), parts[r, 2:] = sum exp(score - m) * v
-    (m = -1e30 and zeros when the row sees none of them: positions after its own are masked)."""
-    block_size, head_dim = k_cache.shape[1], k_cache.shape[3]
-    rows = q.shape[0]
-    for r in range(rows):
-        parts[r, 0] = np.float32(-1e30)
-        for i in range(1, head_dim + 2):
-            parts[r, i] = np.float32(0.0)
-    for j in range(c0, c1):
-        b, o = table[j // block_size], j % block_size
-        for r in range(max(j - first, 0) * group, rows):  # rows of tokens before position j do not see it
-            acc = np.float32(0.0)
-            for i in range(head_dim):
-                acc += q[r, i] * k_cache[b, o, g, i]
-            scores[r, j - c0] = acc
-    for r in range(rows):
-        end = min(c1, first + r // group + 1)  # positions this row sees, in this chunk
-        if end <= c0:
-            continue
-        m = scores[r, 0]
-        for j in range(c0 + 1, end):
-            m = max(m, scores[r, j - c0])
-        total = np.float32(0.0)
-        for j in range(c0, end):
-            e = fast_exp(scores[r, j - c0] - m)
-            scores[r, j - c0] = e
-            total += e
-        parts[r, 0] = m
-        parts[r, 1] = total
-    for j in range(c0, c1):
-        b, o = table[j // block_size], j % block_size
-        for r in range(max(j - first, 0) * group, rows):
-            w = scores[r, j - c0]
-            for i in range(head_dim):
-                parts[r, 2 + i] += w * v_cache[b, o, g, i]
+def _chunk_softmax(parts, q, scores, k_cache, v_cache, table, first, group, c0, c1):
+    """Partial attention of the tile's rows over cached positions c0 .. c1-1, for every kv head g: per row r,
+    parts[g, r, 0] = the max score m it sees there, parts[g, r, 1] = sum exp(score - m),
+    parts[g, r, 2:] = sum exp(score - m) * v (m = -1e30 and zeros when the row sees none of them: positions
+    after its own are masked). q: [Hkv, rows, Dh], pre-scaled; scores: [Hkv, rows, >= c1 - c0] scratch."""
+    block_size, n_kv, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    rows = q.shape[1]
+    for g in range(n_kv):
+        for r in range(rows):
+            parts[g, r, 0] = np.float32(-1e30)
+            for i in range(1, head_dim + 2):
+                parts[g, r, i] = np.float32(0.0)
+    for blk in range(c0 // block_size, (c1 - 1) // block_size + 1):
+        b = table[blk]
+        for o in range(max(c0 - blk * block_size, 0), min(c1 - blk * block_size, block_size)):
+            j = blk * block_size + o
+            r0 = max(j - first, 0) * group  # rows of tokens before position j do not see it
+            for g in range(n_kv):
+                for r in range(r0, rows):
+                    acc = np.float32(0.0)
+                    for i in range(head_dim):
+                        acc += q[g, r, i] * _kv(k_cache[b, o, g, i])
+                    scores[g, r, j - c0] = acc
+    for g in range(n_kv):
+        for r in range(rows):
+            end = min(c1, first + r // group + 1)  # positions this row sees, in this chunk
+            if end <= c0:
+                continue
+            m = scores[g, r, 0]
+            for j in range(c0 + 1, end):
+                m = max(m, scores[g, r, j - c0])
+            total = np.float32(0.0)
+            for j in range(c0, end):
+                e = fast_exp(scores[g, r, j - c0] - m)
+                scores[g, r, j - c0] = e
+                total += e
+            parts[g, r, 0] = m
+            parts[g, r, 1] = total
+    for blk in range(c0 // block_size, (c1 - 1) // block_size + 1):
+        b = table[blk]
+        for o in range(max(c0 - blk * block_size, 0), min(c1 - blk * block_size, block_size)):
+            j = blk * block_size + o
+            r0 = max(j - first, 0) * group
+            for g in range(n_kv):
+                for r in range(r0, rows):
+                    w = scores[g, r, j - c0]
+                    for i in range(head_dim):
+                        parts[g, r, 2 + i] += w * _kv(v_cache[b, o, g, i])
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _merge_chunks(out, parts, t0, g, group):
-    """out rows of the tile starting at token t0, kv head g, from its chunks' partial results
-    parts [chunks, rows, 2 + Dh]: softmax-weighted by exp(m_c - max_c m_c), in chunk order."""
-    n_chunks, rows, width = parts.shape
+def _merge_chunks(out, parts, t0, group):
+    """out rows of the tile starting at token t0 from its chunks' partial results
+    parts [chunks, Hkv, rows, 2 + Dh]: softmax-weighted by exp(m_c - max_c m_c), in chunk order."""
+    n_chunks, n_kv, rows, width = parts.shape
     head_dim = width - 2
     acc = np.empty(head_dim, dtype=np.float32)
-    for r in range(rows):
-        m = parts[0, r, 0]
-        for c in range(1, n_chunks):
-            m = max(m, parts[c, r, 0])
-        total = np.float32(0.0)
-        acc[:] = 0.0
-        for c in range(n_chunks):
-            w = fast_exp(parts[c, r, 0] - m)  # 0 for a chunk the row does not see (m_c = -1e30)
-            total += w * parts[c, r, 1]
+    for g in range(n_kv):
+        for r in range(rows):
+            m = parts[0, g, r, 0]
+            for c in range(1, n_chunks):
+                m = max(m, parts[c, g, r, 0])
+            total = np.float32(0.0)
+            acc[:] = 0.0
+            for c in range(n_chunks):
+                w = fast_exp(parts[c, g, r, 0] - m)  # 0 for a chunk the row does not see (m_c = -1e30)
+                total += w * parts[c, g, r, 1]
+                for i in range(head_dim):
+                    acc[i] += w * parts[c, g, r, 2 + i]
+            inv = np.float32(1.0) / total
+            t, hh = t0 + r // group, r % group
             for i in range(head_dim):
-                acc[i] += w * parts[c, r, 2 + i]
-        inv = np.float32(1.0) / total
-        t, hh = t0 + r // group, r % group
-        for i in range(head_dim):
-            out[t, (g * group + hh) * head_dim + i] = acc[i] * inv
+                out[t, (g * group + hh) * head_dim + i] = acc[i] * inv
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
@@ -218,55 +273,53 @@ def paged_attention(
 ):
     """Causal grouped-query attention of each new token over its sequence's cached keys and values.
 
-    out: [T, H * Dh]; qkv: [T, (H + 2 Hkv) * Dh]; k_cache, v_cache: [NB, BS, Hkv, Dh];
-    block_tables: [S, max_blocks] int32 (a sequence's blocks in order); token_seq: [T] int64 (the sequence
-    of each token); positions: [T] int64 (a token sees cache positions 0..positions[t]).
-    Query tokens go in tiles of up to TILE consecutive tokens of a sequence, with the H / Hkv query heads that
-    share a kv head: every cached key and value row is read once for all of them. The context is cut into
-    chunks of `chunk` positions, each giving a partial softmax (its max, sum and weighted values), merged in
-    chunk order: a token's result depends only on its own context, never on its batch or tile. A one-token
-    tile spreads its chunks over the cores (a long context at batch 1: 3 kv heads alone would keep 2 cores
-    at 1.5); a longer tile goes through its chunks in one work item. Softmax subtracts the max, fast_exp.
+    out: [T, H * Dh]; qkv: [T, (H + 2 Hkv) * Dh]; k_cache, v_cache: [NB, BS, Hkv, Dh], float32 or float16
+    bits (uint16); block_tables: [S, max_blocks] int32 (a sequence's blocks in order); token_seq: [T] int64
+    (the sequence of each token); positions: [T] int64 (a token sees cache positions 0..positions[t]).
+    Query tokens go in tiles of up to TILE consecutive tokens of a sequence, with all their query heads:
+    every cached key and value row is read once for all of them. The context is cut into chunks of `chunk`
+    positions, each giving a partial softmax (its max, sum and weighted values), merged in chunk order: a
+    token's result depends only on its own context, never on its batch or tile. A one-token tile spreads its
+    chunks over the cores (a long context at batch 1); a longer tile goes through its chunks in one work
+    item. Softmax subtracts the max, fast_exp.
     """
     head_dim = k_cache.shape[3]
     group = n_heads // n_kv_heads
     tiles = _query_tiles(token_seq, positions)
-    items, offsets = _work_items(tiles, positions, n_kv_heads, chunk)
+    items, offsets = _work_items(tiles, positions, chunk)
     # partial results of the split (one-token) tiles, merged after all their chunks are done
     split_parts = np.empty((offsets[-1], n_kv_heads, group, head_dim + 2), dtype=np.float32)
     any_split = False
     for item in range(items.shape[0]):
-        if items[item, 3] - items[item, 2] == 1 and offsets[items[item, 0] + 1] - offsets[items[item, 0]] > 1:
+        if items[item, 2] - items[item, 1] == 1 and offsets[items[item, 0] + 1] - offsets[items[item, 0]] > 1:
             any_split = True
     for item in prange(items.shape[0]):
-        tile, g, c_first, c_end = items[item, 0], items[item, 1], items[item, 2], items[item, 3]
+        tile, c_first, c_end = items[item, 0], items[item, 1], items[item, 2]
         t0, t1 = tiles[tile], tiles[tile + 1]
         rows = (t1 - t0) * group  # one row per (token, query head of the group)
         s = token_seq[t0]
         n = positions[t1 - 1] + 1  # cached positions the last token of the tile sees
         first = positions[t0]  # the tile's first token sees 0..first
-        q = np.empty((rows, head_dim), dtype=np.float32)  # pre-scaled queries
-        for r in range(rows):
-            t, hh = t0 + r // group, r % group
-            for i in range(head_dim):
-                q[r, i] = qkv[t, (g * group + hh) * head_dim + i] * scale
+        q = np.empty((n_kv_heads, rows, head_dim), dtype=np.float32)  # pre-scaled queries
+        for g in range(n_kv_heads):
+            for r in range(rows):
+                t, hh = t0 + r // group, r % group
+                for i in range(head_dim):
+                    q[g, r, i] = qkv[t, (g * group + hh) * head_dim + i] * scale
         n_chunks = offsets[tile + 1] - offsets[tile]
         whole = c_first == 0 and c_end == n_chunks
-        parts = np.empty((c_end - c_first, rows, head_dim + 2), dtype=np.float32)
-        scores = np.empty((rows, chunk), dtype=np.float32)
+        parts = np.empty((c_end - c_first, n_kv_heads, rows, head_dim + 2), dtype=np.float32)
+        scores = np.empty((n_kv_heads, rows, chunk), dtype=np.float32)
         for c in range(c_first, c_end):
-            _chunk_softmax(parts[c - c_first], q, scores, k_cache, v_cache, block_tables[s], g, first, group,
+            _chunk_softmax(parts[c - c_first], q, scores, k_cache, v_cache, block_tables[s], first, group,
                            c * chunk, min(n, c * chunk + chunk))  # fmt: skip
         if whole:
-            _merge_chunks(out, parts, t0, g, group)
+            _merge_chunks(out, parts, t0, group)
         else:
-            split_parts[offsets[tile] + c_first, g] = parts[0]
+            split_parts[offsets[tile] + c_first] = parts[0]
     if any_split:
         for item in prange(items.shape[0]):
-            tile, g, c_first = items[item, 0], items[item, 1], items[item, 2]
+            tile, c_first = items[item, 0], items[item, 1]
             n_chunks = offsets[tile + 1] - offsets[tile]
-            if c_first == 0 and items[item, 3] == 1 and n_chunks > 1:  # once per split tile and kv head
-                parts = np.empty((n_chunks, group, head_dim + 2), dtype=np.float32)
-                for c in range(n_chunks):
-                    parts[c] = split_parts[offsets[tile] + c, g]
-                _merge_chunks(out, parts, tiles[tile], g, group)
+            if c_first == 0 and items[item, 2] == 1 and n_chunks > 1:  # once per split tile
+                _merge_chunks(out, split_parts[offsets[tile] : offsets[tile + 1]], tiles[tile], group)

@@ -54,25 +54,38 @@ class Batch:
         return cls(cat(ids), cat(pos), cat(seq_of), cat(slots), tables, logits_rows, decode_tokens)
 
 
-class KVCache:
-    """The cache storage of every layer: a pool of `num_blocks` blocks of `block_size` positions."""
+KV_DTYPES = {"f32": np.float32, "f16": np.uint16}  # f16: float16 bits, converted by the attention kernels
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int):
+
+class KVCache:
+    """The cache storage of every layer: a pool of `num_blocks` blocks of `block_size` positions, each holding
+    its keys and values in float32 or float16 (`dtype`: f32 or f16; f16 halves what attention reads)."""
+
+    def __init__(
+        self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype="f32"
+    ):
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"KV-cache dtype {dtype!r}: choose one of {', '.join(KV_DTYPES)}")
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [_lazy_zeros(shape) for _ in range(num_layers)]
-        self.v = [_lazy_zeros(shape) for _ in range(num_layers)]
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.k = [_lazy_zeros(shape, KV_DTYPES[dtype]) for _ in range(num_layers)]
+        self.v = [_lazy_zeros(shape, KV_DTYPES[dtype]) for _ in range(num_layers)]
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+
+    def entries(self, qkv: np.ndarray) -> np.ndarray:
+        """qkv rows in the cache's dtype, for cache_write (float16 rounds to nearest even, as NumPy does)."""
+        return qkv if self.dtype == "f32" else qkv.astype(np.float16).view(np.uint16)
 
     @property
     def bytes_per_token(self) -> int:
         return 2 * len(self.k) * self.k[0][0, 0].nbytes
 
 
-def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros in fresh anonymous memory: a page becomes resident only once written, so a large cache
-    costs only what is used. (np.zeros may instead reuse heap memory, which it must clear, i.e. touch.)"""
-    nbytes = int(np.prod(shape)) * 4
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.float32, count=nbytes // 4).reshape(shape)
+def _lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros in fresh anonymous memory: a page becomes resident only once written, so a large cache costs
+    only what is used. (np.zeros may instead reuse heap memory, which it must clear, i.e. touch.)"""
+    count = int(np.prod(shape))
+    nbytes = count * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=count).reshape(shape)
 
 
 class Model:
@@ -92,9 +105,9 @@ class Model:
 
             self._forward = gpt2.forward
 
-    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
+    def new_cache(self, num_blocks: int, block_size: int, dtype: str = "f32") -> KVCache:
         c = self.config
-        return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype)
 
     def forward(self, cache: KVCache, batch: Batch) -> np.ndarray:
         return self._forward(self, cache, batch)

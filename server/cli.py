@@ -89,6 +89,13 @@ def add_serve_command(commands) -> None:
     flag("--host", "127.0.0.1", help="address to listen on (0.0.0.0: every interface; see docs/security.md)")
     flag("--port", 50051, int, help="gRPC port (0: any free port)")
     flag("--kv-cache-tokens", 16384, int, help="KV-cache size, in tokens")
+    flag(
+        "--kv-cache-dtype",
+        "auto",
+        choices=("auto", "f32", "f16"),
+        help="what the KV cache holds: f16 halves its memory and what long contexts read (auto: f16 with "
+        "quantized weights, f32 with f32 weights)",
+    )
     flag("--max-batch-tokens", 1024, int, help="tokens per engine step at most")
     flag("--max-context", None, int, help="longest prompt + output (default: the model's context)")
     flag("--max-top-n", 20, int, help="alternatives per token a request may ask for")
@@ -181,6 +188,7 @@ def run_serve(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             kv_cache_tokens=args.kv_cache_tokens,
+            kv_cache_dtype=args.kv_cache_dtype,
             max_batch_tokens=args.max_batch_tokens,
             max_context=args.max_context,
             max_top_n=args.max_top_n,

@@ -137,6 +137,7 @@ class Engine:
         tokenizer: Tokenizer,
         *,
         kv_cache_tokens: int = 16384,
+        kv_cache_dtype: str = "auto",
         block_size: int = 16,
         max_batch_tokens: int = 1024,
         max_step_s: float | None = 0.2,  # None: steps sized in tokens only (max_batch_tokens)
@@ -163,7 +164,10 @@ class Engine:
         self.seconds_per_token: float | None = None
         self.measured_tokens = 0  # tokens of the latest step that measured seconds_per_token
         num_blocks = -(-kv_cache_tokens // block_size)
-        self.cache = model.new_cache(num_blocks, block_size)
+        if kv_cache_dtype == "auto":  # f16 halves what long-context attention reads (llama.cpp's default);
+            # f32 weights keep an f32 cache, so that their results stay equal to transformers'
+            kv_cache_dtype = "f32" if weights_format == "f32" else "f16"
+        self.cache = model.new_cache(num_blocks, block_size, kv_cache_dtype)
         self.blocks = BlockPool(num_blocks, block_size)
         # running totals, read by the metrics
         self.steps = 0

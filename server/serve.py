@@ -51,6 +51,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     kv_cache_tokens: int = 16384
+    kv_cache_dtype: str = "auto"  # f32 | f16 | auto: f16 with quantized weights, f32 with f32 weights
     max_batch_tokens: int = 1024
     max_step_ms: float | None = 200  # a step's work, in time: how long a decoding stream may wait for others
     max_context: int | None = None  # default: the model's
@@ -269,6 +270,7 @@ class NextwordServer:
             c.model or _default_model(),
             weights=c.weights,
             kv_cache_tokens=c.kv_cache_tokens,
+            kv_cache_dtype=c.kv_cache_dtype,
             max_batch_tokens=c.max_batch_tokens,
             max_step_s=None if c.max_step_ms is None else c.max_step_ms / 1000,
             max_context=c.max_context,

@@ -229,6 +229,7 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
             parameters=engine.model.checkpoint.num_parameters,
             kernel_path=isa.target().kernels,
             instruction_set=f"{isa.target().isa} (LLVM cpu {isa.target().cpu})",
+            kv_cache_dtype=engine.cache.dtype,
             limits=pb.Limits(
                 max_top_n=engine.max_top_n,
                 max_stop_strings=MAX_STOP_STRINGS,

@@ -1,6 +1,6 @@
 """Run by test_isa.py in a process whose Numba compiles for another CPU (nextword.kernels.isa.numba_env):
 checks that the process really compiles for it, then runs the quantized kernels against the float64
-reference (test_quant.check_kernels). Not a test module: its kernels must never share a process with the
+reference (test_quant.check_kernels), and attention over a float16 KV cache. Not a test module: its kernels must never share a process with the
 suite's own. Usage: python tests/isa_kernels.py avx2|portable"""
 
 import sys
@@ -11,9 +11,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from test_kernels import test_paged_attention_ragged_batch
 from test_quant import check_kernels
 
-from nextword.kernels import isa
+from nextword.kernels import attention, isa
 from nextword.kernels import quant as kq
 from nextword.weights.quantize import quantize_q4_1
 
@@ -27,12 +28,15 @@ def main(expected: str) -> None:
     target = isa.target()
     assert target.isa == {"avx2": "avx2", "portable": "baseline"}[expected], target
     assert target.kernels == {"avx2": "avx2", "portable": "portable"}[expected], target
-    assert kq.HAVE_AVX2 == (expected == "avx2")
+    assert kq.HAVE_AVX2 == attention.HAVE_F16C == (expected == "avx2")
     # The kernels (cases of test_kernels_match_reference and test_kernels_block_loop_tails): 1 and 5 tokens
     # (the 1-token and the 4-token row dots), blocks per row 1, 17 and 18.
     for kind in ("Q8_0", "Q4_1"):
         for t, n, k in [(1, 7, 32), (5, 7, 544), (5, 9, 576), (1, 64, 576)]:
             check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
+    # Attention over a float16 KV cache: F16C conversions on avx2, integer ones on portable.
+    for chunk in (256, 5):
+        test_paged_attention_ragged_batch(9, 3, 64, 16, chunk, "f16")
     # What LLVM emitted for the Q4_1 row dot this target runs (compiled afresh: cached code has no assembly).
     one_row = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q4(qs, d, m, 0, xq, dx, sx, 0))
     w, xq, dx = kq_inputs()

@@ -53,6 +53,16 @@ def test_greedy_generation_follows_the_reference_forward(engine, folder):
     assert "".join(s.text for s in steps) == engine.tokenizer.decode(seq[len(ids) :])
 
 
+def test_kv_cache_dtype_follows_the_weights_unless_set(folder):
+    """auto: f16 keys and values with quantized weights, f32 with f32 weights; an explicit choice wins. The
+    f16 cache's results against the float64 reference: tests/test_smollm2.py (real model), test_kernels.py."""
+    dtypes = {w: Engine.load(folder, weights=w, kv_cache_tokens=64).cache.k[0].dtype for w in ("f32", "q4")}
+    assert dtypes == {"f32": np.float32, "q4": np.uint16}
+    assert Engine.load(folder, weights="q4", kv_cache_tokens=64, kv_cache_dtype="f32").cache.dtype == "f32"
+    with pytest.raises(ValueError, match="KV-cache dtype 'f8'"):
+        Engine.load(folder, kv_cache_tokens=64, kv_cache_dtype="f8")
+
+
 def test_next_token_probabilities(engine, folder):
     ids = engine.tokenizer.encode(PROMPT)
     dist = engine.next_token_probabilities(ids, top_n=5)

@@ -7,6 +7,7 @@ import reference as ref
 from nextword.kernels.attention import cache_write, paged_attention, rope_qk
 from nextword.kernels.elementwise import add, add_bias, add_embedding, embedding, gelu_tanh, swiglu
 from nextword.kernels.matmul import linear, matmul_f32
+from nextword.kernels.model import KV_DTYPES
 from nextword.kernels.norms import layernorm, rmsnorm
 from nextword.kernels.softmax import log_softmax, softmax, token_logprobs
 
@@ -127,14 +128,18 @@ def test_rope(H, Hkv, Dh):
     np.testing.assert_allclose(qkv, expect, **TOL)
 
 
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
 @pytest.mark.parametrize("chunk", [256, 5])
 @pytest.mark.parametrize("H,Hkv,Dh,block_size", [(9, 3, 64, 16), (4, 4, 8, 4), (6, 2, 5, 3)])
-def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk):
+def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk, kv_dtype):
     """Three sequences in one batch: a long prefill chunk mid-sequence, a decode step at position 0, and a
     decode step deep in a sequence, each with shuffled, non-contiguous cache blocks. With chunk=5 the context
     is cut into many partial softmaxes: the prefill tile goes through its chunks, the deep decode token's
     chunks are spread over work items and merged afterwards. Then every token again alone: bit for bit the
-    same (a token's result never depends on its batch or tile)."""
+    same (a token's result never depends on its batch or tile). With an f16 cache, the reference attends to
+    the keys and values rounded to float16 (what the cache holds)."""
+    stored = (lambda a: a) if kv_dtype == "f32" else (lambda a: a.astype(np.float16).view(np.uint16))
+    held = (lambda a: a) if kv_dtype == "f32" else (lambda a: a.astype(np.float16).astype(np.float64))
     rng = np.random.default_rng(H + Dh + block_size)
     lengths = [23, 1, 41]  # total positions per sequence after this step
     new = [9, 1, 1]  # new tokens this step (the last `new` positions)
@@ -149,7 +154,7 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk):
     for s, t in enumerate(tables):
         block_tables[s, : len(t)] = t
 
-    k_cache = np.zeros((num_blocks, block_size, Hkv, Dh), dtype=np.float32)
+    k_cache = np.zeros((num_blocks, block_size, Hkv, Dh), dtype=KV_DTYPES[kv_dtype])
     v_cache = np.zeros_like(k_cache)
     width = (H + 2 * Hkv) * Dh
     full = [randn(rng, n, width) for n in lengths]  # every position's q/k/v row of each sequence
@@ -157,7 +162,7 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk):
     for s, n in enumerate(lengths):
         p = np.arange(n - new[s])
         slots = block_tables[s, p // block_size].astype(np.int64) * block_size + p % block_size
-        cache_write(k_cache, v_cache, np.ascontiguousarray(full[s][: n - new[s]]), slots, H, Hkv, Dh)
+        cache_write(k_cache, v_cache, stored(np.ascontiguousarray(full[s][: n - new[s]])), slots, H, Hkv, Dh)
 
     qkv = np.concatenate([full[s][lengths[s] - new[s] :] for s in range(3)])
     positions = np.concatenate([np.arange(n - k, n) for n, k in zip(lengths, new, strict=False)]).astype(
@@ -168,7 +173,7 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk):
         block_tables[token_seq, positions // block_size].astype(np.int64) * block_size
         + positions % block_size
     )
-    cache_write(k_cache, v_cache, qkv, slots, H, Hkv, Dh)
+    cache_write(k_cache, v_cache, stored(qkv), slots, H, Hkv, Dh)
     out = np.full((len(qkv), H * Dh), np.nan, dtype=np.float32)
     scale = np.float32(1 / np.sqrt(Dh))
     paged_attention(out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, H, Hkv, chunk)
@@ -182,8 +187,8 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk):
     row = 0
     for s, n in enumerate(lengths):
         q = full[s][n - new[s] :, : H * Dh].reshape(new[s], H, Dh)
-        k = full[s][:, H * Dh : (H + Hkv) * Dh].reshape(n, Hkv, Dh)
-        v = full[s][:, (H + Hkv) * Dh :].reshape(n, Hkv, Dh)
+        k = held(full[s][:, H * Dh : (H + Hkv) * Dh]).reshape(n, Hkv, Dh)
+        v = held(full[s][:, (H + Hkv) * Dh :]).reshape(n, Hkv, Dh)
         expect = ref.attention(q, k, v).reshape(new[s], H * Dh)
         np.testing.assert_allclose(out[row : row + new[s]], expect, **TOL)
         row += new[s]

@@ -286,6 +286,7 @@ SERVE_FLAGS = [  # flag, environment variable, value, ServerConfig field, parsed
     ("--host", "HOST", "::1", "host", "::1"),
     ("--port", "PORT", "51234", "port", 51234),
     ("--kv-cache-tokens", "KV_CACHE_TOKENS", "777", "kv_cache_tokens", 777),
+    ("--kv-cache-dtype", "KV_CACHE_DTYPE", "f16", "kv_cache_dtype", "f16"),
     ("--max-batch-tokens", "MAX_BATCH_TOKENS", "33", "max_batch_tokens", 33),
     ("--max-context", "MAX_CONTEXT", "99", "max_context", 99),
     ("--max-top-n", "MAX_TOP_N", "7", "max_top_n", 7),
@@ -323,7 +324,7 @@ def test_serve_flags_and_their_environment_fallbacks(monkeypatch, folder, capsys
         assert getattr(serve_config(monkeypatch, folder, [flag, value]), field) == parsed, flag
         monkeypatch.setenv("NEXTWORD_" + var, value)
         assert getattr(serve_config(monkeypatch, folder, []), field) == parsed, var
-        other = {"int8": "f32", "::1": "127.0.0.1"}.get(value) or str(parsed + 1)
+        other = {"int8": "f32", "::1": "127.0.0.1", "f16": "f32"}.get(value) or str(parsed + 1)
         config = serve_config(monkeypatch, folder, [flag, other])
         assert str(getattr(config, field)) == other, f"{flag} wins over NEXTWORD_{var}"
         monkeypatch.delenv("NEXTWORD_" + var)

@@ -115,6 +115,7 @@ def test_model_info(client):
     assert info.limits.max_top_n == 20 and info.has_chat_template
     assert 2 in info.eos_token_ids
     assert info.kernel_path == ("avx2" if quant.HAVE_AVX2 else "portable")  # what the matmuls really run
+    assert info.kv_cache_dtype == "f32"  # auto, with f32 weights
     assert info.instruction_set.startswith(("avx512 (LLVM cpu ", "avx2 (LLVM cpu ", "baseline (LLVM cpu "))
 
 
