@@ -3,7 +3,9 @@
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from nextword.kernels import FASTMATH
 
@@ -46,14 +48,45 @@ def add_bias(x, bias):
             x[t, i] += bias[i]
 
 
-@njit(cache=True, nogil=True, fastmath=FASTMATH)
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """Reinterpret int32 bits as a float32 (for _exp_nonpositive's 2^n)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, inline="always")
+def _exp_nonpositive(x):
+    """exp(x) for x <= 0 in float32, vectorizable (np.exp is a scalar libm call per element): attention's
+    fast_exp, repeated here because a kernel file calls no njit function of another file."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.44269504088896341) + np.float32(0.5))
+    r = x - n * np.float32(0.693359375) + n * np.float32(2.12194440e-4)
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    scale = _bits_to_f32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+    return (p * r * r + r + np.float32(1.0)) * scale
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def swiglu(out, gate_up):
-    """out = silu(gate) * up, with gate, up = the two halves of each row.   out: [T, F]; gate_up: [T, 2F]"""
+    """out = silu(gate) * up, with gate, up = the two halves of each row.   out: [T, F]; gate_up: [T, 2F]
+    sigmoid(g) from e = exp(-|g|) (never overflows): 1 / (1 + e) for g >= 0, e / (1 + e) below. The numpy
+    error model: Python's zero-division check on every division would keep the loop from vectorizing."""
     T, F = out.shape
     for t in range(T):
         for i in range(F):
             g = gate_up[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[t, F + i]
+            e = _exp_nonpositive(-abs(g))
+            sig = (np.float32(1.0) if g >= 0 else e) / (np.float32(1.0) + e)
+            out[t, i] = g * sig * gate_up[t, F + i]
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)

@@ -34,13 +34,17 @@ from numba.extending import intrinsic
 from nextword.kernels import FASTMATH, isa
 
 QK = 32  # elements per block
-ROWS = 4  # weight rows dequantized together in the float-activation path
+ROWS = 4  # weight rows dequantized together in the portable float-activation path
 CHUNK = 16  # rows per parallel work item in the float-activation path (one scratch buffer each)
+PANEL_TOKENS = 6  # tokens per pass of the float-activation micro-kernel: 6 x PANEL sums in 12 registers
 
 
 # AVX2 + FMA + F16C in the code Numba generates (the host CPU, or NUMBA_CPU_NAME / NUMBA_CPU_FEATURES): the
 # explicit-SIMD kernels below; else the portable ones. See nextword.kernels.isa.
 HAVE_AVX2 = isa.target().avx2
+# The float-activation micro-kernel's vector width: 16 floats where LLVM may use AVX-512, else 8.
+LANES = 16 if isa.target().avx512 else 8
+PANEL = 2 * LANES  # weight rows per panel of the micro-kernel (two vectors)
 
 # ---------------------------------------------------------------------------------------------------------
 # fp16 -> fp32
@@ -621,12 +625,75 @@ def _rows_times_x(out, x, buf, i0, nr):
                 out[t, i0 + r] = acc
 
 
+@intrinsic
+def _panel_times_x_avx2(typingctx, out, x, panel, i0, t0):
+    """out[t, i0 + r] = sum_k x[t, k] * panel[k, r] for r < PANEL and tokens t0 .. t0+5 (a token past the
+    last one repeats the last): a register-tiled micro-kernel, 6 tokens x PANEL rows of sums in 12 vector
+    registers, each k adding one broadcast activation times two panel vectors per token (fma). Every token's
+    sums run over k in order with the same instructions, whichever tokens share its pass: results never
+    depend on the batch.   out: [T, N]; x: [T, K]; panel: [K, PANEL], the rows i0.. transposed."""
+    _check_types("_panel_times_x_avx2", [(out, types.float32), (x, types.float32), (panel, types.float32)])
+    sig = types.void(out, x, panel, types.intp, types.intp)
+    vty = _V(_f32, LANES)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        T, K = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, args[1]).shape, 2)
+        last = b.sub(T, ir.Constant(T.type, 1))
+        toks = []
+        for k in range(PANEL_TOKENS):
+            t = b.add(args[4], ir.Constant(T.type, k))
+            toks.append(b.select(b.icmp_signed("<", t, T), t, last))
+        xrows = [_row_ptr(context, b, sig.args[1], args[1], t)[0] for t in toks]
+        prow, _ = _row_ptr(context, b, sig.args[2], args[2], ir.Constant(T.type, 0))
+        fma = _fn(b, f"llvm.fma.v{LANES}f32", vty, [vty] * 3)
+        zero = ir.Constant(vty, [0.0] * LANES)
+        accs = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(PANEL_TOKENS)]
+        width = ir.Constant(K.type, PANEL)
+        with cgutils.for_range(b, K) as loop:
+            k = loop.index
+            w = [_load_vec(b, prow, b.add(b.mul(k, width), ir.Constant(K.type, LANES * h)), vty, 4)
+                 for h in range(2)]  # fmt: skip
+            for t in range(PANEL_TOKENS):
+                xs = _splat(b, b.load(b.gep(xrows[t], [k])), LANES)
+                for h in range(2):
+                    b.store(b.call(fma, [w[h], xs, b.load(accs[t][h])]), accs[t][h])
+        for t in range(PANEL_TOKENS):
+            orow, _ = _row_ptr(context, b, sig.args[0], args[0], toks[t])
+            for h in range(2):
+                dst = b.gep(orow, [b.add(args[3], ir.Constant(T.type, LANES * h))])
+                b.store(b.load(accs[t][h]), b.bitcast(dst, vty.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _panel_times_x(out, x, rows, panel, i0):
+    """out[:, i0 : i0 + PANEL] = x @ rows.T, rows [PANEL, K] dequantized: transposed into `panel`
+    [K, PANEL] for the micro-kernel, 6 tokens per pass."""
+    K = x.shape[1]
+    for k in range(K):
+        for r in range(PANEL):
+            panel[k, r] = rows[r, k]
+    for t0 in range(0, x.shape[0], PANEL_TOKENS):
+        _panel_times_x_avx2(out, x, panel, i0, t0)
+
+
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
 def matmul_q8_0_xf(out, x, qs, d):
     """out = x @ dequant(qs, d).T with float32 activations.   out: [T, N]; x: [T, K]; qs: int8 [N, K]; d: uint16 [N, K/32]"""
     N, nb = d.shape
     _check(out, x, N, nb)
     K = x.shape[1]
+    if HAVE_AVX2 and N % PANEL == 0:
+        for c in prange(N // PANEL):
+            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
+            for r in range(PANEL):
+                for b in range(nb):
+                    _dequant_q8_block(rows, r, qs, PANEL * c + r, b, _h2f(d[PANEL * c + r, b]))
+            _panel_times_x(out, x, rows, panel, PANEL * c)
+        return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
         for i0 in range(c * CHUNK, min(N, c * CHUNK + CHUNK), ROWS):
@@ -643,6 +710,15 @@ def matmul_q4_1_xf(out, x, qs, d, m):
     N, nb = d.shape
     _check(out, x, N, nb)
     K = x.shape[1]
+    if HAVE_AVX2 and N % PANEL == 0:
+        for c in prange(N // PANEL):
+            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
+            for r in range(PANEL):
+                i = PANEL * c + r
+                for b in range(nb):
+                    _dequant_q4_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
+            _panel_times_x(out, x, rows, panel, PANEL * c)
+        return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
         for i0 in range(c * CHUNK, min(N, c * CHUNK + CHUNK), ROWS):
