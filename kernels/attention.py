@@ -12,12 +12,15 @@ Order within a layer: `rope_qk` -> `cache_write` (the new tokens' k/v land in th
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
 from nextword.kernels import FASTMATH, isa
 
 HAVE_F16C = isa.target().avx2  # F16C comes with the AVX2 path (nextword.kernels.isa)
+LANES = 16 if isa.target().avx512 else 8  # floats per vector of the prompt tiles' micro-kernel
+ROWS_PER_PASS = 6  # rows of a prompt tile per pass of the micro-kernel (12 vector accumulators)
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -127,9 +130,10 @@ TILE = 16  # query tokens of one sequence processed together: each cached K/V ro
 
 
 @njit(cache=True, nogil=True)
-def _query_tiles(token_seq, positions):
-    """Starts of runs of at most TILE consecutive tokens of one sequence at consecutive positions (a prompt
-    chunk splits into tiles; a decode token is a tile of one), plus the end."""
+def _query_tiles(token_seq, positions, decode_tokens):
+    """Starts of runs of at most TILE consecutive prompt tokens of one sequence at consecutive positions (a
+    prompt chunk splits into tiles; a decode token, one of the first `decode_tokens`, is a tile of one), plus
+    the end."""
     T = token_seq.shape[0]
     starts = np.empty(T + 1, dtype=np.int64)
     n, t = 0, 0
@@ -140,6 +144,7 @@ def _query_tiles(token_seq, positions):
         t += 1
         while (
             t < T
+            and first >= decode_tokens
             and t - first < TILE
             and token_seq[t] == token_seq[first]
             and positions[t] == positions[first] + t - first
@@ -155,11 +160,11 @@ CONTEXT_CHUNK = (
 
 
 @njit(cache=True, nogil=True)
-def _work_items(tiles, positions, chunk):
+def _work_items(tiles, positions, chunk, decode_tokens):
     """Work items of paged_attention: [tile, first chunk, end chunk] rows, every kv head in each (a cache
-    block holds all kv heads of its positions: an item reads whole blocks, front to back). A one-token tile
-    (a decode token, usually) gets one item per chunk of its context, so that a long context keeps every
-    core busy at batch 1; a longer tile takes all its chunks in one item. Also returns the offset of each
+    block holds all kv heads of its positions: an item reads whole blocks, front to back). The tile
+    of a decode token gets one item per chunk of its context, so that a long context keeps every core busy at
+    batch 1; a tile of prompt tokens takes all its chunks in one item. Also returns the offset of each
     tile's chunks in the scratch of partial results, and the scratch's number of chunk slots."""
     n_tiles = tiles.shape[0] - 1
     offsets = np.empty(n_tiles + 1, dtype=np.int64)
@@ -168,12 +173,12 @@ def _work_items(tiles, positions, chunk):
     for tile in range(n_tiles):
         nc = (positions[tiles[tile + 1] - 1] + chunk) // chunk  # chunks of positions 0..last
         offsets[tile + 1] = offsets[tile] + nc
-        n_items += nc if tiles[tile + 1] - tiles[tile] == 1 else 1
+        n_items += nc if tiles[tile] < decode_tokens else 1
     items = np.empty((n_items, 3), dtype=np.int64)
     i = 0
     for tile in range(n_tiles):
         nc = offsets[tile + 1] - offsets[tile]
-        split = tiles[tile + 1] - tiles[tile] == 1
+        split = tiles[tile] < decode_tokens
         for c in range(nc if split else 1):
             items[i, 0] = tile
             items[i, 1], items[i, 2] = (c, c + 1) if split else (0, nc)
@@ -232,6 +237,137 @@ def _chunk_softmax(parts, q, scores, k_cache, v_cache, table, first, group, c0, 
                         parts[g, r, 2 + i] += w * _kv(v_cache[b, o, g, i])
 
 
+@intrinsic
+def _tile_gemm(typingctx, out, a, panel, n_k, t0, col0):
+    """out[t, col0 + c] = sum_{k < n_k} a[t, k] * panel[k, col0 + c] for c < 2 LANES and rows t0 .. t0+5 of a
+    (a row past the last repeats the last): 6 rows x 2 vectors of sums in registers, one broadcast a[t, k]
+    times two panel vectors per row and k (fma), k in order. Each row's sums are the same instructions
+    whichever rows share its pass.   out: [R, >= col0 + 2 LANES]; a: [R, >= n_k]; panel: [>= n_k, W]."""
+    for name, ty in (("out", out), ("a", a), ("panel", panel)):
+        if not (
+            isinstance(ty, types.Array) and ty.dtype == types.float32 and ty.ndim == 2 and ty.layout == "C"
+        ):
+            raise TypingError(f"_tile_gemm: {name} must be a C-contiguous 2-D float32 array, got {ty}")
+    sig = types.void(out, a, panel, types.intp, types.intp, types.intp)
+    f32 = ir.FloatType()
+    vty = ir.VectorType(f32, LANES)
+
+    def row_ptr(context, builder, aryty, ary, row):
+        arr = context.make_array(aryty)(context, builder, ary)
+        ncol = cgutils.unpack_tuple(builder, arr.shape, 2)[1]
+        return builder.gep(arr.data, [builder.mul(row, ncol)]), ncol
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        n_k, t0, col0 = args[3], args[4], args[5]
+        n_rows = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, args[1]).shape, 2)[0]
+        last = b.sub(n_rows, ir.Constant(n_rows.type, 1))
+        rows = []
+        for k in range(ROWS_PER_PASS):
+            t = b.add(t0, ir.Constant(t0.type, k))
+            rows.append(b.select(b.icmp_signed("<", t, n_rows), t, last))
+        arows = [row_ptr(context, b, sig.args[1], args[1], t)[0] for t in rows]
+        pbase, width = row_ptr(context, b, sig.args[2], args[2], ir.Constant(t0.type, 0))
+        fma = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(vty, [vty] * 3), f"llvm.fma.v{LANES}f32"
+        )
+        zero = ir.Constant(vty, [0.0] * LANES)
+        accs = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(ROWS_PER_PASS)]
+        with cgutils.for_range(b, n_k) as loop:
+            k = loop.index
+            base = b.add(b.mul(k, width), col0)
+            w = [b.load(b.bitcast(b.gep(pbase, [b.add(base, ir.Constant(base.type, LANES * h))]),
+                                  vty.as_pointer()), align=4) for h in range(2)]  # fmt: skip
+            for t in range(ROWS_PER_PASS):
+                x = b.load(b.gep(arows[t], [k]))
+                xs = b.insert_element(ir.Constant(vty, None), x, ir.Constant(ir.IntType(32), 0))
+                xs = b.shuffle_vector(
+                    xs, ir.Constant(vty, None), ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+                )
+                for h in range(2):
+                    b.store(b.call(fma, [w[h], xs, b.load(accs[t][h])]), accs[t][h])
+        for t in range(ROWS_PER_PASS):
+            orow, _ = row_ptr(context, b, sig.args[0], args[0], rows[t])
+            for h in range(2):
+                dst = b.gep(orow, [b.add(col0, ir.Constant(col0.type, LANES * h))])
+                b.store(b.load(accs[t][h]), b.bitcast(dst, vty.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _gemm(out, a, panel, n_k, n_cols):
+    """out[:, :n_cols] = a[:, :n_k] @ panel[:n_k, :n_cols] (n_cols a multiple of 2 LANES): the micro-kernel
+    where it can run, else plain loops with the same per-row order of sums."""
+    if HAVE_F16C:  # the AVX2 path (FMA comes with it)
+        for t0 in range(0, a.shape[0], ROWS_PER_PASS):
+            for c0 in range(0, n_cols, 2 * LANES):
+                _tile_gemm(out, a, panel, n_k, t0, c0)
+    else:
+        for t in range(a.shape[0]):
+            for c in range(n_cols):
+                out[t, c] = np.float32(0.0)
+            for k in range(n_k):
+                x = a[t, k]
+                for c in range(n_cols):
+                    out[t, c] += x * panel[k, c]
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _chunk_softmax_prompt(parts, q, scores, kt, vc, k_cache, v_cache, table, first, group, c0, c1):
+    """`_chunk_softmax` for a tile of prompt tokens, as matrix products: per kv head, the chunk's keys are
+    gathered transposed into kt [Dh, n] and its values into vc [n, Dh] (n = c1 - c0 rounded up to 2 LANES,
+    zero-padded), then scores = q @ kt, softmax per row (0 for the positions a row does not see), and
+    parts[.., 2:] = probabilities @ vc. scores: [Hkv, rows, >= n]; kt: [Dh, >= n]; vc: [>= n, Dh rounded up
+    to 2 LANES] (the columns past Dh are zeros)."""
+    block_size, n_kv, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    rows = q.shape[1]
+    span = 2 * LANES
+    n = (c1 - c0 + span - 1) // span * span
+    width = vc.shape[1]
+    work = np.empty((rows, width), dtype=np.float32)
+    for g in range(n_kv):
+        for j in range(c0, c0 + n):
+            jj = j - c0
+            if j < c1:
+                b, o = table[j // block_size], j % block_size
+                for i in range(head_dim):
+                    kt[i, jj] = _kv(k_cache[b, o, g, i])
+                    vc[jj, i] = _kv(v_cache[b, o, g, i])
+            else:
+                for i in range(head_dim):
+                    kt[i, jj] = np.float32(0.0)
+                    vc[jj, i] = np.float32(0.0)
+            for i in range(head_dim, width):
+                vc[jj, i] = np.float32(0.0)
+        sg = scores[g]
+        _gemm(sg, q[g], kt, head_dim, n)
+        for r in range(rows):
+            end = min(c1, first + r // group + 1)  # positions this row sees, in this chunk
+            if end <= c0:
+                parts[g, r, 0] = np.float32(-1e30)
+                for jj in range(n):
+                    sg[r, jj] = np.float32(0.0)
+                continue
+            m = sg[r, 0]
+            for jj in range(1, end - c0):
+                m = max(m, sg[r, jj])
+            total = np.float32(0.0)
+            for jj in range(end - c0):
+                e = fast_exp(sg[r, jj] - m)
+                sg[r, jj] = e
+                total += e
+            for jj in range(end - c0, n):
+                sg[r, jj] = np.float32(0.0)
+            parts[g, r, 0] = m
+            parts[g, r, 1] = total
+        _gemm(work, sg, vc, n, width)
+        for r in range(rows):
+            for i in range(head_dim):
+                parts[g, r, 2 + i] = work[r, i]
+
+
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _merge_chunks(out, parts, t0, group):
     """out rows of the tile starting at token t0 from its chunks' partial results
@@ -269,24 +405,28 @@ def paged_attention(
     scale,
     n_heads,
     n_kv_heads,
+    decode_tokens,
     chunk=CONTEXT_CHUNK,
 ):
     """Causal grouped-query attention of each new token over its sequence's cached keys and values.
 
     out: [T, H * Dh]; qkv: [T, (H + 2 Hkv) * Dh]; k_cache, v_cache: [NB, BS, Hkv, Dh], float32 or float16
     bits (uint16); block_tables: [S, max_blocks] int32 (a sequence's blocks in order); token_seq: [T] int64
-    (the sequence of each token); positions: [T] int64 (a token sees cache positions 0..positions[t]).
+    (the sequence of each token); positions: [T] int64 (a token sees cache positions 0..positions[t]);
+    decode_tokens: the first rows are decode tokens (one per sequence), the rest prompt tokens.
     Query tokens go in tiles of up to TILE consecutive tokens of a sequence, with all their query heads:
     every cached key and value row is read once for all of them. The context is cut into chunks of `chunk`
     positions, each giving a partial softmax (its max, sum and weighted values), merged in chunk order: a
-    token's result depends only on its own context, never on its batch or tile. A one-token tile spreads its
-    chunks over the cores (a long context at batch 1); a longer tile goes through its chunks in one work
-    item. Softmax subtracts the max, fast_exp.
+    token's result depends only on its own context, never on its batch or tile. A decode token (a tile of
+    its own) spreads its chunks over the cores (a long context at batch 1) and reads the cache directly; a
+    tile of prompt tokens goes through its chunks in one work item, as matrix products (`_chunk_softmax_prompt`),
+    whatever its size: the path follows the token's role, so a prompt's results do not depend on how it was cut
+    into steps. Softmax subtracts the max, fast_exp.
     """
     head_dim = k_cache.shape[3]
     group = n_heads // n_kv_heads
-    tiles = _query_tiles(token_seq, positions)
-    items, offsets = _work_items(tiles, positions, chunk)
+    tiles = _query_tiles(token_seq, positions, decode_tokens)
+    items, offsets = _work_items(tiles, positions, chunk, decode_tokens)
     # partial results of the split (one-token) tiles, merged after all their chunks are done
     split_parts = np.empty((offsets[-1], n_kv_heads, group, head_dim + 2), dtype=np.float32)
     any_split = False
@@ -309,10 +449,18 @@ def paged_attention(
         n_chunks = offsets[tile + 1] - offsets[tile]
         whole = c_first == 0 and c_end == n_chunks
         parts = np.empty((c_end - c_first, n_kv_heads, rows, head_dim + 2), dtype=np.float32)
-        scores = np.empty((n_kv_heads, rows, chunk), dtype=np.float32)
-        for c in range(c_first, c_end):
-            _chunk_softmax(parts[c - c_first], q, scores, k_cache, v_cache, block_tables[s], first, group,
-                           c * chunk, min(n, c * chunk + chunk))  # fmt: skip
+        span = chunk + 2 * LANES  # a chunk rounded up to whole vectors
+        scores = np.empty((n_kv_heads, rows, span), dtype=np.float32)
+        if t0 < decode_tokens:
+            for c in range(c_first, c_end):
+                _chunk_softmax(parts[c - c_first], q, scores, k_cache, v_cache, block_tables[s], first, group,
+                               c * chunk, min(n, c * chunk + chunk))  # fmt: skip
+        else:
+            kt = np.empty((head_dim, span), dtype=np.float32)
+            vc = np.empty((span, (head_dim + 2 * LANES - 1) // (2 * LANES) * 2 * LANES), dtype=np.float32)
+            for c in range(c_first, c_end):
+                _chunk_softmax_prompt(parts[c - c_first], q, scores, kt, vc, k_cache, v_cache, block_tables[s],
+                                      first, group, c * chunk, min(n, c * chunk + chunk))  # fmt: skip
         if whole:
             _merge_chunks(out, parts, t0, group)
         else:

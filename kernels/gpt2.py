@@ -44,6 +44,7 @@ def forward(model, cache, batch):
             scale,
             H,
             H,
+            d,
             CONTEXT_CHUNK,
         )
         linear(h, att, layer.o, d)

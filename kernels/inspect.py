@@ -167,7 +167,7 @@ def forward_chunks(
             on_attention(k, weights)
         cache_write(k_cache, v_cache, qkv, positions, H, Hkv, Dh)
         paged_attention(
-            att, qkv, k_cache, v_cache, block_table, token_seq, positions, scale, H, Hkv, CONTEXT_CHUNK
+            att, qkv, k_cache, v_cache, block_table, token_seq, positions, scale, H, Hkv, 0, CONTEXT_CHUNK
         )
         linear(h, att, layer.o)
         if not llama:

@@ -46,6 +46,7 @@ def forward(model, cache, batch):
             scale,
             H,
             Hkv,
+            d,
             CONTEXT_CHUNK,
         )
         linear(h, att, layer.o, d)

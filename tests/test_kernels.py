@@ -135,8 +135,9 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk, kv_dtype):
     """Three sequences in one batch: a long prefill chunk mid-sequence, a decode step at position 0, and a
     decode step deep in a sequence, each with shuffled, non-contiguous cache blocks. With chunk=5 the context
     is cut into many partial softmaxes: the prefill tile goes through its chunks, the deep decode token's
-    chunks are spread over work items and merged afterwards. Then every token again alone: bit for bit the
-    same (a token's result never depends on its batch or tile). With an f16 cache, the reference attends to
+    chunks are spread over work items and merged afterwards. The prompt tile goes through the matrix-product
+    path, the decode tokens through the direct one. Then every token again alone, in its role: bit for bit
+    the same (a token's result never depends on its batch or tile). With an f16 cache, the reference attends to
     the keys and values rounded to float16 (what the cache holds)."""
     stored = (lambda a: a) if kv_dtype == "f32" else (lambda a: a.astype(np.float16).view(np.uint16))
     held = (lambda a: a) if kv_dtype == "f32" else (lambda a: a.astype(np.float16).astype(np.float64))
@@ -176,13 +177,19 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk, kv_dtype):
     cache_write(k_cache, v_cache, stored(qkv), slots, H, Hkv, Dh)
     out = np.full((len(qkv), H * Dh), np.nan, dtype=np.float32)
     scale = np.float32(1 / np.sqrt(Dh))
-    paged_attention(out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, H, Hkv, chunk)
+    # the prompt tokens (sequence 0) come after the two decode tokens, as the engine orders a batch
+    order = np.array([9, 10, *range(9)])
+    qkv, positions, token_seq = qkv[order], positions[order], token_seq[order]
+    paged_attention(out, qkv, k_cache, v_cache, block_tables, token_seq, positions, scale, H, Hkv, 2, chunk)
+    inverse = np.argsort(order)
+    out, qkv, positions, token_seq = out[inverse], qkv[inverse], positions[inverse], token_seq[inverse]
 
-    for t in range(len(qkv)):  # alone: a one-token tile (its chunks split over work items)
+    for t in range(len(qkv)):  # alone, in its role: a prompt token as a tile of one, a decode token split
         alone = np.full((1, H * Dh), np.nan, dtype=np.float32)
         one = np.ascontiguousarray(qkv[t : t + 1])
+        decode = int(t >= new[0])
         paged_attention(alone, one, k_cache, v_cache, block_tables, token_seq[t : t + 1], positions[t : t + 1],
-                        scale, H, Hkv, chunk)  # fmt: skip
+                        scale, H, Hkv, decode, chunk)  # fmt: skip
         np.testing.assert_array_equal(alone, out[t : t + 1])
     row = 0
     for s, n in enumerate(lengths):

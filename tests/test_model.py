@@ -116,8 +116,8 @@ def test_llama3_rope_scaling(tmp_path):
 
 def test_each_kernel_compiled_once(tmp_path):
     """After a prompt and a decode step through both families (and whatever ran before in this process),
-    every kernel has exactly one specialization: no float64 or strided array leaked into a kernel and silently
-    compiled a slower second version."""
+    every kernel has exactly one specialization (one per KV-cache dtype): no float64 or strided array leaked
+    into a kernel and silently compiled a slower second version."""
     for kind in ("llama", "gpt2"):
         write_tiny_model(tmp_path / kind, kind, seed=1)
         model = Model(load_checkpoint(tmp_path / kind))
@@ -132,7 +132,12 @@ def test_each_kernel_compiled_once(tmp_path):
     ]
     used = [k for k in kernels if k.signatures]
     assert len(used) >= 10
-    assert {k.__name__: len(k.signatures) for k in used} == {k.__name__: 1 for k in used}
+
+    def up_to_kv_dtype(signature):  # a KV cache of float16 bits is a legitimate second version
+        return tuple(str(t).replace("uint16", "float32") for t in signature)
+
+    versions = {k.__name__: len({up_to_kv_dtype(s) for s in k.signatures}) for k in used}
+    assert versions == {k.__name__: 1 for k in used}
 
 
 def test_kv_cache_memory_is_resident_only_where_written(tiny):
