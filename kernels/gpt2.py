@@ -61,5 +61,5 @@ def forward(model, cache, batch):
     last = np.ascontiguousarray(x[batch.logits_rows])  # [R, D]
     layernorm(last, last, ckpt.final_norm, ckpt.final_norm_bias, eps)
     logits = np.empty((len(last), c.vocab_size), dtype=np.float32)  # [R, V]
-    linear(logits, last, ckpt.lm_head, d)  # decode tokens come first among the logits rows too
+    linear(logits, last, ckpt.lm_head, d, tiled=False)  # decode rows first; one prompt row per sequence
     return logits

@@ -201,7 +201,7 @@ def forward_chunks(
     if logits:
         row = np.ascontiguousarray(out_final[-1:])  # [1, D]
         out_logits = np.empty((1, c.vocab_size), dtype=np.float32)  # [1, V]
-        linear(out_logits, row, ckpt.lm_head)
+        linear(out_logits, row, ckpt.lm_head, tiled=False)  # as the engine computes a prompt's logits
         out_logits = out_logits[0]
     return Inspection(hidden, out_final if final else None, out_logits)
 

@@ -53,13 +53,15 @@ def matmul_f32(out, x, w):
                     out[t, n] = acc
 
 
-def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0) -> None:
+def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0, tiled: bool = True) -> None:
     """out = x @ w.T for a weight in any supported format.   out: [T, N]; x: [T, K]; w: [N, K]
 
     Quantized weights multiply the first `decode_rows` rows (decode tokens) with int8-quantized activations,
     like llama.cpp: the fastest form for a few rows; and the other rows (prompt tokens) with float32
     activations: faster for many rows, and exact. The choice follows each token's role, never the batch
-    size, so a request's results do not depend on what else is in its batch.
+    size, so a request's results do not depend on what else is in its batch. `tiled=False` keeps prompt
+    rows off the register-tiled panels, whose fixed cost (every weight dequantized and transposed, ~0.2 ns
+    each) only pays off from ~30 rows: for the LM head, whose prompt-path input is one row per sequence.
     """
     if isinstance(w, np.ndarray) and w.dtype == np.float32:
         matmul_f32(out, x, w)
@@ -68,7 +70,7 @@ def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0) -> None:
         if d:
             _quantized(w, "xq")(out[:d], x[:d], *w.blocks)
         if d < len(x):
-            _quantized(w, "xf")(out[d:], x[d:], *w.blocks)
+            _quantized(w, "xf")(out[d:], x[d:], *w.blocks, tiled)
     else:
         raise TypeError(f"no matmul kernel for weight {type(w).__name__} {getattr(w, 'dtype', '')}")
 

@@ -588,7 +588,9 @@ def _check(out, x, n, nb):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Float-activation path: dequantize ROWS rows into a buffer, then a 4 rows x 2 tokens register-blocked product.
+# Float-activation path: dequantize a panel of PANEL rows, transpose it, and run the micro-kernel over the
+# tokens (AVX2, N a multiple of PANEL, `tiled`); else dequantize ROWS rows into a buffer, then a 4 rows x 2
+# tokens register-blocked product along K.
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -681,12 +683,12 @@ def _panel_times_x(out, x, rows, panel, i0):
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
-def matmul_q8_0_xf(out, x, qs, d):
-    """out = x @ dequant(qs, d).T with float32 activations.   out: [T, N]; x: [T, K]; qs: int8 [N, K]; d: uint16 [N, K/32]"""
+def matmul_q8_0_xf(out, x, qs, d, tiled):
+    """out = x @ dequant(qs, d).T with float32 activations (tiled: through the micro-kernel's panels).   out: [T, N]; x: [T, K]; qs: int8 [N, K]; d: uint16 [N, K/32]"""
     N, nb = d.shape
     _check(out, x, N, nb)
     K = x.shape[1]
-    if HAVE_AVX2 and N % PANEL == 0:
+    if tiled and HAVE_AVX2 and N % PANEL == 0:
         for c in prange(N // PANEL):
             rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
             for r in range(PANEL):
@@ -705,12 +707,12 @@ def matmul_q8_0_xf(out, x, qs, d):
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
-def matmul_q4_1_xf(out, x, qs, d, m):
-    """out = x @ dequant(qs, d, m).T with float32 activations.   qs: uint8 [N, K/2]; d, m: uint16 [N, K/32]"""
+def matmul_q4_1_xf(out, x, qs, d, m, tiled):
+    """out = x @ dequant(qs, d, m).T with float32 activations (tiled: through the micro-kernel's panels).   qs: uint8 [N, K/2]; d, m: uint16 [N, K/32]"""
     N, nb = d.shape
     _check(out, x, N, nb)
     K = x.shape[1]
-    if HAVE_AVX2 and N % PANEL == 0:
+    if tiled and HAVE_AVX2 and N % PANEL == 0:
         for c in prange(N // PANEL):
             rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
             for r in range(PANEL):

@@ -144,12 +144,18 @@ def check_kernels(kind, t, n, k, seed):
     bound = int8_error_bound(x, w) * 1.0001 + 1e-5 * scale
 
     outs = {}
-    for name, fn in (("xq", xq), ("xq_portable", xq_portable), ("xf", xf)):
+    for name, fn, extra in (
+        ("xq", xq, ()),
+        ("xq_portable", xq_portable, ()),
+        ("xf", xf, (True,)),  # tiled: the micro-kernel's panels where N is a multiple of PANEL (n = 64, 96)
+        ("xf_rows", xf, (False,)),
+    ):
         out = np.full((t, n), np.nan, np.float32)
-        fn(out, x, *kernel_args(w))
+        fn(out, x, *kernel_args(w), *extra)
         outs[name] = out
     # float activations: the exact product up to float32 rounding
-    assert np.all(np.abs(outs["xf"] - ref) <= 1e-5 * scale)
+    for name in ("xf", "xf_rows"):
+        assert np.all(np.abs(outs[name] - ref) <= 1e-5 * scale), name
     # int8 activations: within the activation-rounding bound, and both implementations agree
     for name in ("xq", "xq_portable"):
         err = np.abs(outs[name] - ref)
@@ -251,7 +257,7 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="32 \\* number of blocks"):
         kq.matmul_q8_0_xq(np.empty((1, 4), np.float32), np.ones((1, 32), np.float32), w.qs, w.d)
     with pytest.raises(ValueError, match="out must be"):
-        kq.matmul_q8_0_xf(np.empty((2, 3), np.float32), np.ones((2, 64), np.float32), w.qs, w.d)
+        kq.matmul_q8_0_xf(np.empty((2, 3), np.float32), np.ones((2, 64), np.float32), w.qs, w.d, True)
 
 
 def test_one_compilation_per_kernel():
