@@ -12,9 +12,14 @@ Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
   numba loop. Tokens go 4 at a time through each row (`*_x4` dots: one unpacking of the row, every token's
   float operations exactly those of the 1-token dot, so results do not depend on the batch). The result differs from the exact product by the activation rounding:
   per block |err| <= 0.5 * dx * sum_j |w_j| (the Q4_1 `m` term takes the sum of the quantized x, as llama.cpp does).
-- `*_xf` (prefill / batched decode): a few rows are dequantized into a small float32 buffer that is reused
-  for all T tokens (4 rows x 2 tokens register blocking), so each weight byte is read once per call and the
-  activations stay float32 (matches the float64 reference to ~1e-6 relative).
+- `*_xf` (prompt tokens): the activations stay float32 (matches the float64 reference to ~1e-6 relative);
+  each weight byte is read once per call. On the AVX2 path a panel of PANEL rows is dequantized, transposed
+  and multiplied by a register-tiled micro-kernel (6 tokens x PANEL rows of sums, one fma per k and
+  vector), or, for at most LANES tokens, by one with the tokens in the vector lanes and no transposed panel:
+  the same operations per sum, so the two agree bit for bit. Elsewhere (and for the LM head, `tiled=False`:
+  one row per sequence), a few rows are dequantized into a buffer reused for all T tokens (4 rows x 2
+  tokens, along K). The panels' transposition is a fixed cost per call (~0.2 ns a weight): a 4-token chunk
+  costs ~2.5x the row path's matmul time, a 512-token prompt ~0.55x.
 Which one a token goes through is decided by `nextword.kernels.matmul.linear`: by the token's role (decode
 tokens `*_xq`, prompt tokens `*_xf`), never by the batch size. Note for callers: a cached njit function that
 calls a parallel=True one can segfault when loaded from the cache (numba issue #8578), so dispatch from
@@ -670,6 +675,58 @@ def _panel_times_x_avx2(typingctx, out, x, panel, i0, t0):
     return sig, codegen
 
 
+@intrinsic
+def _rows_times_xt_avx2(typingctx, out, xt, rows, r0, i0):
+    """out[t, i0 + r] = sum_k rows[r0 + r, k] * xt[k, t] for r < 8 and t < T (at most LANES tokens, the
+    columns of xt; the rest zeros): tokens in the lanes, 8 rows of sums in registers, each k adding one
+    broadcast weight times the tokens' vector per row. For few tokens, with no transposed panel to build: the
+    same operations per token and row as `_panel_times_x_avx2` (fma(w, x, sum), k in order), so the results
+    are the same bit for bit.   out: [T, N]; xt: [K, LANES]; rows: [R, K]"""
+    _check_types("_rows_times_xt_avx2", [(out, types.float32), (xt, types.float32), (rows, types.float32)])
+    sig = types.void(out, xt, rows, types.intp, types.intp)
+    vty = _V(_f32, LANES)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        T = cgutils.unpack_tuple(b, context.make_array(sig.args[0])(context, b, args[0]).shape, 2)[0]
+        K = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, args[1]).shape, 2)[0]
+        xbase, _ = _row_ptr(context, b, sig.args[1], args[1], ir.Constant(K.type, 0))
+        wrows = [_row_ptr(context, b, sig.args[2], args[2], b.add(args[3], ir.Constant(K.type, r)))[0]
+                 for r in range(8)]  # fmt: skip
+        fma = _fn(b, f"llvm.fma.v{LANES}f32", vty, [vty] * 3)
+        zero = ir.Constant(vty, [0.0] * LANES)
+        accs = [cgutils.alloca_once_value(b, zero) for _ in range(8)]
+        lanes = ir.Constant(K.type, LANES)
+        with cgutils.for_range(b, K) as loop:
+            k = loop.index
+            xv = _load_vec(b, xbase, b.mul(k, lanes), vty, 4)
+            for r in range(8):
+                ws = _splat(b, b.load(b.gep(wrows[r], [k])), LANES)
+                b.store(b.call(fma, [ws, xv, b.load(accs[r])]), accs[r])
+        sums = [b.load(a) for a in accs]
+        for t in range(LANES):
+            t_ir = ir.Constant(T.type, t)
+            with b.if_then(b.icmp_signed("<", t_ir, T)):
+                orow, _ = _row_ptr(context, b, sig.args[0], args[0], t_ir)
+                for r in range(8):
+                    dst = b.gep(orow, [b.add(args[4], ir.Constant(K.type, r))])
+                    b.store(b.extract_element(sums[r], ir.Constant(_i32, t)), dst)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def _transposed_tokens(x):
+    """x [T, K], T <= LANES, as [K, LANES] (tokens in the columns, zeros past T): `_rows_times_xt_avx2`'s input."""
+    T, K = x.shape
+    xt = np.zeros((K, LANES), np.float32)
+    for t in range(T):
+        for k in range(K):
+            xt[k, t] = x[t, k]
+    return xt
+
+
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _panel_times_x(out, x, rows, panel, i0):
     """out[:, i0 : i0 + PANEL] = x @ rows.T, rows [PANEL, K] dequantized: transposed into `panel`
@@ -689,12 +746,18 @@ def matmul_q8_0_xf(out, x, qs, d, tiled):
     _check(out, x, N, nb)
     K = x.shape[1]
     if tiled and HAVE_AVX2 and N % PANEL == 0:
+        few = x.shape[0] <= LANES  # few tokens: no transposed panels, the same sums (see _rows_times_xt_avx2)
+        xt = _transposed_tokens(x if few else x[:0])
         for c in prange(N // PANEL):
-            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
+            rows, panel = np.empty((PANEL, K), np.float32), np.empty((0 if few else K, PANEL), np.float32)
             for r in range(PANEL):
                 for b in range(nb):
                     _dequant_q8_block(rows, r, qs, PANEL * c + r, b, _h2f(d[PANEL * c + r, b]))
-            _panel_times_x(out, x, rows, panel, PANEL * c)
+            if few:
+                for r0 in range(0, PANEL, 8):
+                    _rows_times_xt_avx2(out, xt, rows, r0, PANEL * c + r0)
+            else:
+                _panel_times_x(out, x, rows, panel, PANEL * c)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
@@ -713,13 +776,19 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
     _check(out, x, N, nb)
     K = x.shape[1]
     if tiled and HAVE_AVX2 and N % PANEL == 0:
+        few = x.shape[0] <= LANES  # few tokens: no transposed panels, the same sums (see _rows_times_xt_avx2)
+        xt = _transposed_tokens(x if few else x[:0])
         for c in prange(N // PANEL):
-            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
+            rows, panel = np.empty((PANEL, K), np.float32), np.empty((0 if few else K, PANEL), np.float32)
             for r in range(PANEL):
                 i = PANEL * c + r
                 for b in range(nb):
                     _dequant_q4_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
-            _panel_times_x(out, x, rows, panel, PANEL * c)
+            if few:
+                for r0 in range(0, PANEL, 8):
+                    _rows_times_xt_avx2(out, xt, rows, r0, PANEL * c + r0)
+            else:
+                _panel_times_x(out, x, rows, panel, PANEL * c)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)

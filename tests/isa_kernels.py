@@ -12,7 +12,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_kernels import test_paged_attention_ragged_batch
-from test_quant import check_kernels
+from test_quant import (
+    check_kernels,
+    test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call,
+)
 
 from nextword.kernels import attention, isa
 from nextword.kernels import quant as kq
@@ -34,6 +37,8 @@ def main(expected: str) -> None:
     for kind in ("Q8_0", "Q4_1"):
         for t, n, k in [(1, 7, 32), (5, 7, 544), (5, 9, 576), (1, 64, 576)]:
             check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
+    for kind in ("Q8_0", "Q4_1"):  # the float-activation path's two micro-kernels agree bit for bit
+        test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call(kind)
     # Attention over a float16 KV cache: F16C conversions on avx2, integer ones on portable.
     for chunk in (256, 5):
         test_paged_attention_ragged_batch(9, 3, 64, 16, chunk, "f16")

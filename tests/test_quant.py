@@ -252,6 +252,23 @@ def test_quantize_activations_orders():
     np.testing.assert_array_equal(xq2, np.concatenate([*pairs, b[:, 4]], axis=1))
 
 
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+def test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call(kind):
+    """The float-activation path has two micro-kernels (a transposed panel for many tokens, tokens in the
+    lanes for at most LANES): a prompt token's products must be the same bit for bit whichever runs, or a
+    prompt's results would depend on how it was cut into steps."""
+    rng = np.random.default_rng(3)
+    w = QUANTIZERS[kind][0](weight(rng, 2 * kq.PANEL, 576, special=False))
+    xf = KERNELS[kind][2]
+    x = activations(rng, 40, 576)
+    many = np.full((40, 2 * kq.PANEL), np.nan, np.float32)
+    xf(many, x, *kernel_args(w), True)
+    for t in (1, 3, kq.LANES):
+        few = np.full((t, 2 * kq.PANEL), np.nan, np.float32)
+        xf(few, np.ascontiguousarray(x[5 : 5 + t]), *kernel_args(w), True)
+        np.testing.assert_array_equal(few, many[5 : 5 + t])
+
+
 def test_shape_errors():
     w = quantize_q8_0(np.ones((4, 64), np.float32))
     with pytest.raises(ValueError, match="32 \\* number of blocks"):
