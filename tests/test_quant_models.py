@@ -133,8 +133,8 @@ def test_every_decode_product_within_the_documented_bound(aligned, fmt, monkeypa
     _, folder, _ = aligned
     products = []
 
-    def recording_linear(out, x, w, decode_rows=0):
-        linear(out, x, w, decode_rows)
+    def recording_linear(out, x, w, decode_rows=0, tiled=True):
+        linear(out, x, w, decode_rows, tiled)
         if decode_rows and isinstance(w, Q4Weight | Q8Weight):
             products.append((out[:decode_rows].copy(), x[:decode_rows].copy(), w))
 
