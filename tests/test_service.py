@@ -298,7 +298,8 @@ def test_score_cli_prints_the_perplexity_of_benchmarks_perplexity_py(server, smo
     text = tok.decode(tok.encode(ENGLISH.read_text())[:700])
     (tmp_path / "part.txt").write_text(text)
     ids = tok.encode(text)
-    nll, _ = bench.score(smollm2.model, ids, window=256, decode_path=False)
+    kv = "f32"  # what the server's KV cache holds with f32 weights
+    nll, _ = bench.score(smollm2.model, ids, window=256, decode_path=False, kv=kv)
     target = f"127.0.0.1:{server.port}"
     assert cli_main(["score", str(tmp_path / "part.txt"), "--window", "256", "--target", target]) == 0
     line = capsys.readouterr().out.strip()
