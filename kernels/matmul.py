@@ -9,7 +9,7 @@ import numpy as np
 from numba import njit, prange
 
 from nextword.kernels import FASTMATH, quant
-from nextword.weights.quantize import Q4Weight, Q8Weight
+from nextword.weights.quantize import Q4Weight, Q8MWeight, Q8Weight
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
@@ -56,8 +56,8 @@ def matmul_f32(out, x, w):
 def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0, tiled: bool = True) -> None:
     """out = x @ w.T for a weight in any supported format.   out: [T, N]; x: [T, K]; w: [N, K]
 
-    Quantized weights multiply the first `decode_rows` rows (decode tokens) with int8-quantized activations,
-    like llama.cpp: the fastest form for a few rows; and the other rows (prompt tokens) with float32
+    Quantized weights multiply the first `decode_rows` rows (decode tokens) with integer activations (int8
+    for Q4_1 and Q8_0, like llama.cpp; int16 for Q8_M): the fastest form for a few rows; and the other rows (prompt tokens) with float32
     activations: faster for many rows, and exact. The choice follows each token's role, never the batch
     size, so a request's results do not depend on what else is in its batch. `tiled=False` keeps prompt
     rows off the register-tiled panels, whose fixed cost (every weight dequantized and transposed, ~0.2 ns
@@ -65,7 +65,7 @@ def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0, tiled: bool 
     """
     if isinstance(w, np.ndarray) and w.dtype == np.float32:
         matmul_f32(out, x, w)
-    elif isinstance(w, Q4Weight | Q8Weight):
+    elif isinstance(w, Q4Weight | Q8Weight | Q8MWeight):
         d = decode_rows
         if d:
             _quantized(w, "xq")(out[:d], x[:d], *w.blocks)
@@ -75,6 +75,9 @@ def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0, tiled: bool 
         raise TypeError(f"no matmul kernel for weight {type(w).__name__} {getattr(w, 'dtype', '')}")
 
 
+_KERNEL_NAMES = {Q4Weight: "q4_1", Q8Weight: "q8_0", Q8MWeight: "q8_m"}
+
+
 def _quantized(w, path: str):
-    """The kernel for weight w's format: path "xq" (int8 activations) or "xf" (float32 activations)."""
-    return getattr(quant, f"matmul_{'q4_1' if isinstance(w, Q4Weight) else 'q8_0'}_{path}")
+    """The kernel for weight w's format: path "xq" (integer activations) or "xf" (float32 activations)."""
+    return getattr(quant, f"matmul_{_KERNEL_NAMES[type(w)]}_{path}")

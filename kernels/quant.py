@@ -399,6 +399,96 @@ def _dot_q4_avx2_x4(typingctx, qs, d, m, i, xq, dx, sx, t):
     return sig, _q4_codegen(NTOK)
 
 
+def _q8m_codegen(nt):
+    def codegen(context, builder, sig, args):
+        b = builder
+        row, _ = _row_ptr(context, b, sig.args[0], args[0], args[3])
+        drow, nb = _row_ptr(context, b, sig.args[1], args[1], args[3])
+        mrow, _ = _row_ptr(context, b, sig.args[2], args[2], args[3])
+        toks = [b.add(args[7], ir.Constant(args[7].type, k)) for k in range(nt)]
+        xrows = [_row_ptr(context, b, sig.args[4], args[4], t)[0] for t in toks]
+        dxrows = [_row_ptr(context, b, sig.args[5], args[5], t)[0] for t in toks]
+        sxrows = [_row_ptr(context, b, sig.args[6], args[6], t)[0] for t in toks]
+        maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [_V(_i16, 16), _V(_i16, 16)])
+        fma8 = _fn(b, "llvm.fma.v8f32", _V(_f32, 8), [_V(_f32, 8)] * 3)
+        fma1 = _fn(b, "llvm.fma.f32", _f32, [_f32] * 3)
+        zero8 = ir.Constant(_V(_f32, 8), [0.0] * 8)
+        accs = [[cgutils.alloca_once_value(b, zero8) for _ in range(_NACC)] for _ in range(nt)]
+        macc = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]  # m * sum(x), 8 blocks per lane group
+        mtail = [cgutils.alloca_once_value(b, ir.Constant(_f32, 0.0)) for _ in range(nt)]
+        c16, c32 = ir.Constant(nb.type, QK // 2), ir.Constant(nb.type, QK)
+        halves = [ir.Constant(_V(_i32, 16), list(range(h, h + 16))) for h in (0, 16)]
+
+        def block_dots(blk):  # per token, <8 x float>: the integer dot of one block in 8 partial sums
+            off = b.mul(blk, c32)
+            w = _load_vec(b, row, off, _V(_i8, 32), 1)
+            wh = [b.zext(b.shuffle_vector(w, ir.Constant(w.type, None), h), _V(_i16, 16)) for h in halves]
+            dots = []
+            for xrow in xrows:  # u8 * i16 pairs summed: <= 2 * 255 * 32767, two of them per lane: no overflow
+                xa = _load_vec(b, xrow, off, _V(_i16, 16), 2)
+                xb = _load_vec(b, xrow, b.add(off, c16), _V(_i16, 16), 2)
+                p32 = b.add(b.call(maddwd, [wh[0], xa]), b.call(maddwd, [wh[1], xb]))
+                dots.append(b.sitofp(p32, _V(_f32, 8)))
+            return dots
+
+        def body(base):
+            _prefetch(b, row, b.mul(base, c32), _STEP * QK // 64)
+            dv = _halfn_to_f32(b, drow, base, _STEP)
+            mins = _halfn_to_f32(b, mrow, base, _STEP)
+            scales = []
+            for k in range(nt):
+                scales.append(_strict(b.fmul(dv, _load_vec(b, dxrows[k], base, _V(_f32, _STEP), 4))))
+                sxv = _load_vec(b, sxrows[k], base, _V(_f32, _STEP), 4)
+                b.store(b.call(fma8, [mins, sxv, b.load(macc[k])]), macc[k])
+            for u in range(_STEP):
+                dots = block_dots(b.add(base, ir.Constant(nb.type, u)))
+                for k in range(nt):
+                    acc = accs[k][u % _NACC]
+                    b.store(b.call(fma8, [dots[k], _lane(b, scales[k], u), b.load(acc)]), acc)
+
+        def tail(start):
+            with cgutils.for_range_slice(b, start, nb, ir.Constant(nb.type, 1)) as (blk, _):
+                dv, mv = _half_to_f32(b, drow, blk), _half_to_f32(b, mrow, blk)
+                dots = block_dots(blk)
+                for k in range(nt):
+                    s = _strict(b.fmul(dv, b.load(b.gep(dxrows[k], [blk]))))
+                    b.store(b.call(fma8, [dots[k], _splat(b, s, 8), b.load(accs[k][0])]), accs[k][0])
+                    sxk = b.load(b.gep(sxrows[k], [blk]))
+                    b.store(b.call(fma1, [mv, sxk, b.load(mtail[k])]), mtail[k])
+
+        _block_loop(b, nb, _STEP, body, tail)
+        vals = []
+        for k in range(nt):
+            v = _strict(b.fadd(_sum_accs(b, accs[k]), b.load(macc[k])))
+            vals.append(_strict(b.fadd(_hsum(b, v, 8), b.load(mtail[k]))))
+        return _result(context, b, sig, vals)
+
+    return codegen
+
+
+def _q8m_types(name, qs, d, m, xq, dx, sx):
+    _check_types(
+        name,
+        [(qs, types.uint8), (d, types.uint16), (m, types.uint16), (xq, types.int16), (dx, types.float32),
+         (sx, types.float32)],
+    )  # fmt: skip
+    return (qs, d, m, types.intp, xq, dx, sx, types.intp)
+
+
+@intrinsic
+def _dot_q8m_avx2(typingctx, qs, d, m, i, xq, dx, sx, t):
+    """sum_b d[i,b]*dx[t,b] * sum_j qs[i, 32b+j] * xq[t, 32b+j] + m[i,b] * sx[t,b]   (AVX2: the uint8 weights
+    zero-extended to int16, times the int16 activations by vpmaddwd)"""
+    return types.float32(*_q8m_types("_dot_q8m_avx2", qs, d, m, xq, dx, sx)), _q8m_codegen(1)
+
+
+@intrinsic
+def _dot_q8m_avx2_x4(typingctx, qs, d, m, i, xq, dx, sx, t):
+    """`_dot_q8m_avx2` for tokens t .. t+3 (a tuple of 4), each bit-identical to the 1-token dot."""
+    sig = types.UniTuple(types.float32, NTOK)(*_q8m_types("_dot_q8m_avx2_x4", qs, d, m, xq, dx, sx))
+    return sig, _q8m_codegen(NTOK)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Block dequantization into a float32 buffer, in target-independent LLVM vector IR (numba's own loops for
 # this stay scalar: the unrolled 32-element body does not SLP-vectorize). Legal on any LLVM target.
@@ -448,6 +538,25 @@ def _dequant_q4_block(typingctx, buf, r, qs, i, b, s, mn):
     return sig, codegen
 
 
+@intrinsic
+def _dequant_q8m_block(typingctx, buf, r, qs, i, b, s, mn):
+    """buf[r, 32b : 32b+32] = s * float(qs[i, 32b : 32b+32]) + mn   (qs uint8)"""
+    _check_types("_dequant_q8m_block", [(buf, types.float32), (qs, types.uint8)])
+    sig = types.void(buf, types.intp, qs, types.intp, types.intp, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        out, _ = _row_ptr(context, b, sig.args[0], args[0], args[1])
+        row, _ = _row_ptr(context, b, sig.args[2], args[2], args[3])
+        off = b.mul(args[4], ir.Constant(args[4].type, QK))
+        q = b.uitofp(_load_vec(b, row, off, _V(_i8, QK), 1), _V(_f32, QK))
+        v = b.fadd(b.fmul(q, _splat(b, args[5], QK)), _splat(b, args[6], QK))
+        b.store(v, b.bitcast(b.gep(out, [off]), _V(_f32, QK).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Portable row dots (same contract as the AVX2 ones): plain numba, int32 sums per block.
 
@@ -488,6 +597,32 @@ def _dot_q4_portable(qs, d, m, i, xq, dx, sx, t):
     return acc
 
 
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t):
+    nb = d.shape[1]
+    bs = qs.shape[1] // nb
+    q = qs[i]
+    xr = xq[t]
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * bs
+        s = np.int32(0)
+        for j in range(bs):
+            s += np.int32(q[o + j]) * np.int32(xr[o + j])
+        acc += _f16_to_f32(d[i, b]) * dx[t, b] * np.float32(s) + _f16_to_f32(m[i, b]) * sx[t, b]
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def _dot_q8m_portable_x4(qs, d, m, i, xq, dx, sx, t):
+    return (
+        _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t),
+        _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t + 1),
+        _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t + 2),
+        _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t + 3),
+    )
+
+
 @njit(cache=True, nogil=True)
 def _dot_q8_portable_x4(qs, d, i, xq, dx, t):
     return (
@@ -512,6 +647,8 @@ _dot_q8 = _dot_q8_avx2 if HAVE_AVX2 else _dot_q8_portable
 _dot_q4 = _dot_q4_avx2 if HAVE_AVX2 else _dot_q4_portable
 _dot_q8_x4 = _dot_q8_avx2_x4 if HAVE_AVX2 else _dot_q8_portable_x4
 _dot_q4_x4 = _dot_q4_avx2_x4 if HAVE_AVX2 else _dot_q4_portable_x4
+_dot_q8m = _dot_q8m_avx2 if HAVE_AVX2 else _dot_q8m_portable
+_dot_q8m_x4 = _dot_q8m_avx2_x4 if HAVE_AVX2 else _dot_q8m_portable_x4
 _h2f = _f16_to_f32_f16c if HAVE_AVX2 else _f16_to_f32
 
 # ---------------------------------------------------------------------------------------------------------
@@ -581,6 +718,27 @@ def quantize_activations_paired(xq, dx, sx, x):
 
 
 _quantize_act_q4 = quantize_activations_paired if HAVE_AVX2 else quantize_activations
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
+def quantize_activations_i16(xq, dx, sx, x):
+    """`quantize_activations` to int16: dx[t, b] = max_j |x[t, 32b+j]| / 32767, xq = round(x / dx) (int16),
+    sx[t, b] = dx * sum_j xq[t, 32b+j].   xq: [T, K] int16; dx, sx: [T, K/32] float32; x: [T, K] float32
+    (for the 8-bit weights: 256x finer steps than int8 for the same vpmaddwd count per block)."""
+    T, K = x.shape
+    for t in range(T):
+        for b in range(K // QK):
+            amax = np.float32(0.0)
+            for j in range(b * QK, b * QK + QK):
+                amax = max(amax, abs(x[t, j]))
+            dx[t, b] = amax / np.float32(32767.0)
+            inv = np.float32(32767.0) / amax if amax > np.float32(0.0) else np.float32(0.0)
+            s = np.int32(0)
+            for j in range(b * QK, b * QK + QK):
+                q = np.int16(np.floor(x[t, j] * inv + np.float32(0.5)))
+                xq[t, j] = q
+                s += np.int32(q)
+            sx[t, b] = dx[t, b] * np.float32(s)
 
 
 @njit(cache=True, nogil=True)
@@ -800,6 +958,22 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
             _rows_times_x(out, x, buf, i0, nr)
 
 
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q8_m_xf(out, x, qs, d, m):
+    """out = x @ dequant(qs, d, m).T with float32 activations.   qs: uint8 [N, K]; d, m: uint16 [N, K/32]"""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    K = x.shape[1]
+    for c in prange((N + CHUNK - 1) // CHUNK):
+        buf = np.empty((ROWS, K), np.float32)
+        for i0 in range(c * CHUNK, min(N, c * CHUNK + CHUNK), ROWS):
+            nr = min(ROWS, N - i0)
+            for r in range(nr):
+                for b in range(nb):
+                    _dequant_q8m_block(buf, r, qs, i0 + r, b, _h2f(d[i0 + r, b]), _h2f(m[i0 + r, b]))
+            _rows_times_x(out, x, buf, i0, nr)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # int8-activation path (decode). Each row is read once for all T tokens (it stays in L1 between tokens).
 
@@ -880,3 +1054,43 @@ def matmul_q4_1_xq_portable(out, x, qs, d, m):
     for i in prange(N):
         for t in range(T):
             out[t, i] = _dot_q4_portable(qs, d, m, i, xq, dx, sx, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q8_m_xq(out, x, qs, d, m):
+    """out ~= x @ dequant(qs, d, m).T with int16-quantized activations (AVX2 when available)."""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    T, K = x.shape
+    xq = np.empty((T, K), np.int16)
+    dx = np.empty((T, nb), np.float32)
+    sx = np.empty((T, nb), np.float32)
+    quantize_activations_i16(xq, dx, sx, x)
+    if T < NTOK:
+        for i in prange(N):
+            for t in range(T):
+                out[t, i] = _dot_q8m(qs, d, m, i, xq, dx, sx, t)
+    else:
+        T4 = T - T % NTOK
+        for i in prange(N):
+            for t in range(0, T4, NTOK):
+                out[t, i], out[t + 1, i], out[t + 2, i], out[t + 3, i] = _dot_q8m_x4(
+                    qs, d, m, i, xq, dx, sx, t
+                )
+            for t in range(T4, T):
+                out[t, i] = _dot_q8m(qs, d, m, i, xq, dx, sx, t)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
+def matmul_q8_m_xq_portable(out, x, qs, d, m):
+    """`matmul_q8_m_xq` without the AVX2 intrinsic (what non-AVX2 hosts run)."""
+    N, nb = d.shape
+    _check(out, x, N, nb)
+    T, K = x.shape
+    xq = np.empty((T, K), np.int16)
+    dx = np.empty((T, nb), np.float32)
+    sx = np.empty((T, nb), np.float32)
+    quantize_activations_i16(xq, dx, sx, x)
+    for i in prange(N):
+        for t in range(T):
+            out[t, i] = _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t)

@@ -243,11 +243,12 @@ def reference_trace(folder_or_loaded, token_ids) -> dict:
     return {**trace, "final": trace["final"][0], "logits": logits}
 
 
-# ---- block-quantized weight formats (llama.cpp's Q8_0 and Q4_1), as the serving engine runs them ----
+# ---- block-quantized weight formats (llama.cpp's Q4_1, nextword's Q8_M), as the serving engine runs them ----
 
 QK = 32  # elements per block, along a weight's input dimension
-HEAD_FORMAT = {"int8": "Q8_0", "q4": "Q8_0"}  # the LM head is never below 8 bits
-LAYER_FORMAT = {"int8": "Q8_0", "q4": "Q4_1"}
+HEAD_FORMAT = {"int8": "Q8_M", "q4": "Q8_M"}  # the LM head is never below 8 bits
+LAYER_FORMAT = {"int8": "Q8_M", "q4": "Q4_1"}
+ACTIVATION_LEVELS = {"Q8_0": 127, "Q4_1": 127, "Q8_M": 32767}  # decode path: int8 or int16 activations
 LLAMA_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -255,15 +256,15 @@ GPT2_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 class Quantized:
     """A weight [out, in] as a block format stores it (the values its blocks decode to). With `round_inputs`,
     products go the decode way (kernels/quant.py): the activations are rounded per 32-block of the input as
-    llama.cpp's Q8 activations, dx = absmax / 127, q = round(x * (127 / absmax)) in float32; "last": only the
-    last token's (one decode token after a prompt)."""
+    llama.cpp's Q8 activations, dx = absmax / L, q = round(x * (L / absmax)) in float32, L = `levels` (127:
+    int8, 32767: int16); "last": only the last token's (one decode token after a prompt)."""
 
-    def __init__(self, values, round_inputs: bool | str):
-        self.values, self.round_inputs = values, round_inputs
+    def __init__(self, values, round_inputs: bool | str, levels: int = 127):
+        self.values, self.round_inputs, self.levels = values, round_inputs, levels
 
     @property
     def T(self):
-        return Quantized(self.values.T, self.round_inputs)
+        return Quantized(self.values.T, self.round_inputs, self.levels)
 
     def product(self, x):
         x = np.asarray(x, np.float64)  # [T, in]
@@ -274,21 +275,33 @@ class Quantized:
         b = x[rows].reshape(len(x[rows]), -1, QK).astype(np.float32)  # [t, in/32, 32] as the engine has them
         amax = np.abs(b).max(axis=-1, keepdims=True)  # [t, in/32, 1]
         with np.errstate(divide="ignore"):
-            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0))
-        q = np.floor(b * inv + np.float32(0.5))  # [t, in/32, 32] the int8 values
-        dx = (amax / np.float32(127)).astype(np.float64)  # [t, in/32, 1]
+            inv = np.where(amax > 0, np.float32(self.levels) / amax, np.float32(0))
+        q = np.floor(b * inv + np.float32(0.5))  # [t, in/32, 32] the integer activations
+        dx = (amax / np.float32(self.levels)).astype(np.float64)  # [t, in/32, 1]
         y[rows] = (q.astype(np.float64) * dx).reshape(len(b), -1) @ self.values.T
         return y
 
 
 def block_quantized(w, kind: str, round_inputs: bool | str = False) -> Quantized:
-    """w [out, in] in llama.cpp's `kind` ("Q8_0" / "Q4_1"), quantized from float32 by gguf-py (llama.cpp's
-    reference quantizers) and dequantized exactly, float64 [out, in]."""
+    """w [out, in] in `kind`, dequantized exactly, float64 [out, in]: llama.cpp's "Q8_0" / "Q4_1" quantized
+    from float32 by gguf-py (llama.cpp's reference quantizers); nextword's "Q8_M" (no GGUF type) from the
+    blocks nextword's quantizer chooses (its choices are held to their bounds in test_quant.py), decoded
+    here independently: d * q + m in float64."""
+    levels = ACTIVATION_LEVELS[kind]
+    if kind == "Q8_M":
+        from nextword.weights.quantize import quantize_q8_m
+
+        b = quantize_q8_m(np.ascontiguousarray(w, np.float32))
+        n, k = b.shape
+        d = b.d.view(np.float16).astype(np.float64)[:, :, None]
+        m = b.m.view(np.float16).astype(np.float64)[:, :, None]
+        values = d * b.qs.reshape(n, k // QK, QK).astype(np.float64) + m
+        return Quantized(values.reshape(n, k), round_inputs, levels)
     import gguf
 
     t = getattr(gguf.GGMLQuantizationType, kind)
     raw = gguf.quants.quantize(np.ascontiguousarray(w, np.float32), t)  # uint8 [out, in/32 * block bytes]
-    return Quantized(gguf.quants.dequantize(raw, t).astype(np.float64).reshape(w.shape), round_inputs)
+    return Quantized(gguf.quants.dequantize(raw, t).astype(np.float64).reshape(w.shape), round_inputs, levels)
 
 
 def quantized_reference(loaded, fmt: str, round_inputs: bool | str = False):

@@ -1,5 +1,6 @@
-"""Q8_0 / Q4_1 weights: the quantizers byte for byte against gguf-py (llama.cpp's reference quantizers), and
-every kernel against a float64 NumPy product with the same dequantized weights."""
+"""Q8_0 / Q4_1 weights: the quantizers byte for byte against gguf-py (llama.cpp's reference quantizers); Q8_M
+(nextword's 8-bit format with a block minimum): its quantizer against its error bounds; and every kernel
+against a float64 NumPy product with the same dequantized weights."""
 
 import gguf
 import numpy as np
@@ -9,15 +10,18 @@ from gguf import GGMLQuantizationType as GT
 from nextword.kernels import quant as kq
 from nextword.weights.quantize import (
     Q4Weight,
+    Q8MWeight,
     Q8Weight,
     dequantize,
     from_gguf_blocks,
     quantize_q4_1,
     quantize_q8_0,
+    quantize_q8_m,
     to_gguf_blocks,
 )
 
-QUANTIZERS = {"Q8_0": (quantize_q8_0, GT.Q8_0), "Q4_1": (quantize_q4_1, GT.Q4_1)}
+QUANTIZERS = {"Q8_0": (quantize_q8_0, GT.Q8_0), "Q4_1": (quantize_q4_1, GT.Q4_1), "Q8_M": (quantize_q8_m, None)}
+KINDS = ["Q8_0", "Q4_1", "Q8_M"]
 
 
 def weight(rng, n, k, special=True):
@@ -102,18 +106,82 @@ def test_sizes_and_validation():
         Q4Weight(qs=np.zeros((2, 32), np.int8), d=np.zeros((2, 2), np.uint16), m=np.zeros((2, 2), np.uint16))
 
 
+def fp16(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float64)
+
+
+@pytest.mark.parametrize("n, k", [(1, 32), (9, 96), (65, 576)])
+def test_q8_m_quantizer_bounds(n, k):
+    """Every block: m = fp16(min), q in 0..255, and no worse (squared error) than the plain 255-level grid
+    d = fp16((max - min) / 255), q = round((x - m) / d) computed here in float64; each value within half a
+    step of its block's grid, plus m's fp16 rounding."""
+    w = weight(np.random.default_rng(n * 7 + k), n, k)
+    q = quantize_q8_m(w)
+    assert q.shape == (n, k) and q.qs.dtype == np.uint8 and q.nbytes == n * k + 2 * n * (k // 32) * 2
+    x = w.astype(np.float64).reshape(n, k // 32, 32)
+    got = dequantize(q).astype(np.float64).reshape(x.shape)
+    d, m = q.d.view(np.float16).astype(np.float64)[..., None], q.m.view(np.float16).astype(np.float64)[..., None]
+    lo, hi = x.min(axis=2, keepdims=True), x.max(axis=2, keepdims=True)
+    np.testing.assert_array_equal(m, fp16(lo))
+    np.testing.assert_array_equal(got, (d * q.qs.reshape(x.shape) + m).astype(np.float32))
+    step = np.asarray((hi - lo) / 255, np.float32).astype(np.float16)
+    step = np.where(step.astype(np.float64) * 255 < hi - lo, np.nextafter(step, np.float16(np.inf)), step)
+    step = step.astype(np.float64)  # the smallest fp16 step that spans the block in 255
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plain_q = np.clip(np.round(np.where(step > 0, (x - m) / step, 0)), 0, 255)
+    plain = ((step * plain_q + m - x) ** 2).sum(axis=2)
+    err = ((got - x) ** 2).sum(axis=2)
+    assert np.all(err <= plain * (1 + 1e-4) + 1e-12 * (hi - lo)[..., 0] ** 2)
+    assert np.all(np.abs(got - x) <= d / 2 * 1.001 + np.abs(m - lo) + 1e-6 * np.abs(x))
+
+
+@pytest.mark.parametrize("origin", ["Q4_1", "Q8_0"])
+def test_q8_m_keeps_an_already_quantized_model(origin):
+    """Weights that went through Q4_1 (this project's default model: a Q4_1 GGUF) come back exactly; through
+    Q8_0 (its LM head) up to a constant per block: m's fp16 rounding, |m - min| <= 2^-11 |min|."""
+    w = weight(np.random.default_rng(4), 40, 576, special=False)
+    w = dequantize(QUANTIZERS[origin][0](w))
+    got = dequantize(quantize_q8_m(w))
+    if origin == "Q4_1":
+        np.testing.assert_array_equal(got, w)
+    else:
+        lo = w.reshape(40, -1, 32).min(axis=2, keepdims=True).astype(np.float64)
+        diff = (got - w).reshape(40, -1, 32).astype(np.float64)
+        assert np.all(np.abs(diff - diff.mean(axis=2, keepdims=True)) <= 1e-6 * np.abs(lo))  # a constant
+        assert np.all(np.abs(diff) <= 2.0**-11 * np.abs(lo) * 1.001)
+        # Q8_0 itself, requantizing values it did not produce, errs ~10x more
+        fresh = weight(np.random.default_rng(5), 40, 576, special=False)
+        rel = lambda a, b: np.sqrt(((a - b) ** 2).mean() / (b**2).mean())  # noqa: E731
+        assert rel(got, w) * 5 < rel(dequantize(quantize_q8_0(fresh)), fresh)
+
+
+def test_q8_m_validation():
+    with pytest.raises(ValueError, match="do not match"):
+        Q8MWeight(qs=np.zeros((2, 64), np.uint8), d=np.zeros((2, 2), np.uint16), m=np.zeros((2, 1), np.uint16))
+    with pytest.raises(ValueError, match="uint8"):
+        Q8MWeight(qs=np.zeros((2, 64), np.int8), d=np.zeros((2, 2), np.uint16), m=np.zeros((2, 2), np.uint16))
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        quantize_q8_m(np.ones((2, 48), np.float32))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Kernels
 
 
 def kernel_args(w):
-    return (w.qs, w.d) if isinstance(w, Q8Weight) else (w.qs, w.d, w.m)
+    return w.blocks
 
 
-KERNELS = {  # format: (int8 activations, int8 activations portable, float activations)
+KERNELS = {  # format: (integer activations, integer activations portable, float activations)
     "Q8_0": (kq.matmul_q8_0_xq, kq.matmul_q8_0_xq_portable, kq.matmul_q8_0_xf),
     "Q4_1": (kq.matmul_q4_1_xq, kq.matmul_q4_1_xq_portable, kq.matmul_q4_1_xf),
+    "Q8_M": (kq.matmul_q8_m_xq, kq.matmul_q8_m_xq_portable, kq.matmul_q8_m_xf),
 }
+
+
+def levels(w):
+    """The decode path's activations: int8 (127 levels a side), int16 for Q8_M."""
+    return 32767 if isinstance(w, Q8MWeight) else 127
 
 
 def activations(rng, t, k):
@@ -123,14 +191,25 @@ def activations(rng, t, k):
 
 
 def int8_error_bound(x, w):
-    """Bound on |x @ W.T - (int8-activation result)|: with dx = absmax(x_block) / 127 the activations move by
-    at most dx / 2, so per block |err| <= dx / 2 * sum_j |w_j| (Q4_1 too: its m term takes the quantized sum
-    of x, so m is multiplied by the rounded activations like the rest of w)."""
+    """Bound on |x @ W.T - (integer-activation result)|: with dx = absmax(x_block) / L (L = 127, or 32767 for
+    Q8_M) the activations move by at most dx / 2, so per block |err| <= dx / 2 * sum_j |w_j| (Q4_1 and Q8_M
+    too: their m term takes the quantized sum of x, so m is multiplied by the rounded activations like the
+    rest of w)."""
     t, k = x.shape
     amax = np.abs(x.astype(np.float64)).reshape(t, k // 32, 32).max(axis=2)  # [T, nb]
     dq = dequantize(w).astype(np.float64)
     wsum = np.abs(dq).reshape(dq.shape[0], k // 32, 32).sum(axis=2)  # [N, nb]
-    return 0.5 * (amax / 127) @ wsum.T  # [T, N]
+    return 0.5 * (amax / levels(w)) @ wsum.T  # [T, N]
+
+
+def rounded_activations(x, w):
+    """x as the decode path quantizes it for w's kernel (float32 scale, round half up), in float64."""
+    L = np.float32(levels(w))
+    b = x.reshape(len(x), -1, 32)
+    amax = np.abs(b).max(axis=2, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, L / amax, np.float32(0)).astype(np.float32)
+    return (np.floor(b * inv + np.float32(0.5)) * (amax / L).astype(np.float64)).reshape(x.shape)
 
 
 def check_kernels(kind, t, n, k, seed):
@@ -164,7 +243,7 @@ def check_kernels(kind, t, n, k, seed):
     return outs, ref, scale
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("t", [1, 2, 5, 17])
 @pytest.mark.parametrize("n", [1, 7, 64, 96])
 @pytest.mark.parametrize("k", [32, 64, 576])
@@ -172,23 +251,31 @@ def test_kernels_match_reference(kind, t, n, k):
     check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("k", [96, 288, 512, 544, 1536])
 def test_kernels_block_loop_tails(kind, k):
     """Blocks per row: 3 (a pair + odd block), 9 (8 + odd), 16 (loop only), 17 (8 + 8 + odd), 48."""
     check_kernels(kind, 3, 5, k, seed=k)
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_decode_path_really_quantizes_activations(kind):
-    """Not exact by accident: the int8 path deviates from the exact product by more than the float path
-    tolerance (so activations really were quantized), while staying inside its bound (check_kernels)."""
+    """Not exact by accident: the integer path is the product with the activations rounded as documented
+    (nearer it than the exact product; for int8 also off the exact one by more than float rounding),
+    while staying inside its bound (check_kernels)."""
     outs, ref, scale = check_kernels(kind, 1, 64, 576, seed=5)
-    assert np.abs(outs["xq"] - ref).max() > 1e-4 * scale.max()
+    rng = np.random.default_rng(5)  # the same draws as check_kernels
+    w = QUANTIZERS[kind][0](weight(rng, 64, 576, special=False))
+    x = activations(rng, 1, 576)
+    rounded = rounded_activations(x, w) @ dequantize(w).astype(np.float64).T
+    rms = lambda e: np.sqrt((e**2).mean())  # noqa: E731
+    assert rms(outs["xq"] - rounded) < 0.2 * rms(outs["xq"] - ref)
+    if levels(w) == 127:
+        assert np.abs(outs["xq"] - ref).max() > 1e-4 * scale.max()
     assert np.abs(outs["xf"] - ref).max() < 1e-6 * scale.max()
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n, k", [(37, 96), (13, 544), (29, 576), (3, 32), (11, 1504)])
 def test_int8_path_results_do_not_depend_on_the_batch(kind, n, k):
     """Tokens go through the row dots 4 at a time plus a 1-token remainder: every token's output must be
@@ -210,19 +297,22 @@ def test_int8_path_results_do_not_depend_on_the_batch(kind, n, k):
             np.testing.assert_array_equal(part, single[t0:])
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_portable_4_token_dot_matches_1_token_dot(kind):
     """The portable 4-token dot (what non-AVX2 hosts run for groups of 4) against the portable 1-token one."""
     rng = np.random.default_rng(3)
     n, k, T = 5, 544, 6
     w = QUANTIZERS[kind][0](weight(rng, n, k))
     x = activations(rng, T, k)
-    xq = np.empty((T, k), np.int8)
+    xq = np.empty((T, k), np.int16 if kind == "Q8_M" else np.int8)
     dx, sx = np.empty((T, k // 32), np.float32), np.empty((T, k // 32), np.float32)
-    kq.quantize_activations(xq, dx, sx, x)
+    (kq.quantize_activations_i16 if kind == "Q8_M" else kq.quantize_activations)(xq, dx, sx, x)
     for i in range(n):
         for t in range(T - 3):
-            if kind == "Q8_0":
+            if kind == "Q8_M":
+                got = kq._dot_q8m_portable_x4(w.qs, w.d, w.m, i, xq, dx, sx, t)
+                want = [kq._dot_q8m_portable(w.qs, w.d, w.m, i, xq, dx, sx, t + j) for j in range(4)]
+            elif kind == "Q8_0":
                 got = kq._dot_q8_portable_x4(w.qs, w.d, i, xq, dx, t)
                 want = [kq._dot_q8_portable(w.qs, w.d, i, xq, dx, t + j) for j in range(4)]
             else:
@@ -281,7 +371,9 @@ def test_one_compilation_per_kernel():
     """No float64 or layout leak: after running every kernel (here and above), each has one signature."""
     check_kernels("Q8_0", 2, 8, 64, seed=1)
     check_kernels("Q4_1", 1, 8, 64, seed=1)
-    kernels = [*KERNELS["Q8_0"], *KERNELS["Q4_1"], kq.quantize_activations, kq._quantize_act_q4]
+    check_kernels("Q8_M", 1, 8, 64, seed=1)
+    kernels = [*KERNELS["Q8_0"], *KERNELS["Q4_1"], *KERNELS["Q8_M"], kq.quantize_activations, kq._quantize_act_q4]
+    kernels.append(kq.quantize_activations_i16)
     assert {k.py_func.__name__: len(k.signatures) for k in kernels} == {
         k.py_func.__name__: 1 for k in kernels
     }

@@ -24,10 +24,17 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
-from nextword.weights.quantize import QUANTIZER_VERSION, Q4Weight, Q8Weight, quantize_head, quantize_matrix
+from nextword.weights.quantize import (
+    QUANTIZER_VERSION,
+    Q4Weight,
+    Q8MWeight,
+    Q8Weight,
+    quantize_head,
+    quantize_matrix,
+)
 
 _DTYPES = {"I8": np.int8, "U8": np.uint8, "U16": np.uint16, "F32": np.float32}
-_FIELDS = {Q8Weight: ("qs", "d"), Q4Weight: ("qs", "d", "m")}
+_FIELDS = {Q8Weight: ("qs", "d"), Q4Weight: ("qs", "d", "m"), Q8MWeight: ("qs", "d", "m")}
 
 
 def cache_path(folder: Path, fmt: str) -> Path:
@@ -38,6 +45,13 @@ def _source_stamp(sources: list[Path]) -> str:
     return json.dumps({p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(sources)})
 
 
+def _weight_type(fields: dict[str, np.ndarray]) -> type:
+    """Which format stored blocks are: Q8_0 has no `m`; Q4_1 packs 2 values a byte, Q8_M one."""
+    if "m" not in fields:
+        return Q8Weight
+    return Q8MWeight if fields["qs"].shape[1] == fields["d"].shape[1] * 32 else Q4Weight
+
+
 class QuantizedMatrices:
     """Where a load gets its matmul weights in format `fmt`: `get(key, read)` returns the cached blocks of
     `key` when the cache file is valid, else quantizes `read()` (and remembers it for `save`)."""
@@ -46,7 +60,7 @@ class QuantizedMatrices:
         self.fmt, self.path = fmt, cache_path(folder, fmt)
         self.stamp = _source_stamp(sources)
         self.cached: dict[str, np.ndarray] = {} if fmt == "f32" else self._map()
-        self.new: dict[str, Q8Weight | Q4Weight] = {}
+        self.new: dict[str, Q8Weight | Q4Weight | Q8MWeight] = {}
 
     @property
     def hit(self) -> bool:
@@ -57,7 +71,7 @@ class QuantizedMatrices:
             return read()
         if f"{key}.qs" in self.cached:
             fields = {f: self.cached[f"{key}.{f}"] for f in ("qs", "d", "m") if f"{key}.{f}" in self.cached}
-            return (Q4Weight if "m" in fields else Q8Weight)(**fields)
+            return _weight_type(fields)(**fields)
         if key in self.cached:  # stored float32 (K not a multiple of the block size)
             return self.cached[key]
         w = quantize_head(read(), self.fmt) if head else quantize_matrix(read(), self.fmt)

@@ -76,6 +76,36 @@ class Q4Weight:
         return self.qs.nbytes + self.d.nbytes + self.m.nbytes
 
 
+@dataclass(frozen=True)
+class Q8MWeight:
+    """8-bit blocks with a minimum (nextword's own format, no GGUF type): w = d * q + m, q uint8 in 0..255."""
+
+    qs: np.ndarray  # uint8 [N, K]
+    d: np.ndarray  # uint16 [N, K//32] fp16 bits
+    m: np.ndarray  # uint16 [N, K//32] fp16 bits
+
+    def __post_init__(self):
+        _need(self.qs, np.uint8, "qs")
+        _need(self.d, np.uint16, "d")
+        _need(self.m, np.uint16, "m")
+        n, k = self.qs.shape
+        if k % QK or self.d.shape != (n, k // QK) or self.m.shape != self.d.shape:
+            raise ValueError(f"Q8MWeight: qs {self.qs.shape}, d {self.d.shape}, m {self.m.shape} do not match")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape
+
+    @property
+    def blocks(self) -> tuple[np.ndarray, ...]:
+        """The arrays a kernel takes after (out, x)."""
+        return (self.qs, self.d, self.m)
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.nbytes + self.d.nbytes + self.m.nbytes
+
+
 def _need(a: np.ndarray, dtype, name: str) -> None:
     if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != 2 or not a.flags.c_contiguous:
         raise ValueError(f"{name} must be a C-contiguous 2-D {np.dtype(dtype).name} array")
@@ -139,8 +169,51 @@ def quantize_q4_1(w: np.ndarray) -> Q4Weight:
     )
 
 
-def dequantize(w: Q8Weight | Q4Weight) -> np.ndarray:
-    """The reference dequantization, float32 [N, K] (bit-identical to gguf-py's)."""
+def _q8m_fit(x: np.ndarray, lo16: np.ndarray, levels):
+    """Q8_M blocks of x [B, 32] with m = lo16 [B, 1] and (max - min) split into `levels` steps:
+    (d fp16 bits [B, 1], q uint8 [B, 32], squared error [B, 1])."""
+    span = x.max(axis=1, keepdims=True) - x.min(axis=1, keepdims=True)
+    d16 = _fp16_bits(span / levels)
+    d16 += (_fp16_value(d16) * levels < span).astype(np.uint16)  # rounded up: the max never needs a q > L
+    d = _fp16_value(d16)
+    q = np.clip(np.rint((x - lo16) * _inverse(d)), 0, 255)
+    return d16, q.astype(np.uint8), ((d * q + lo16 - x) ** 2).sum(axis=1, keepdims=True)
+
+
+def quantize_q8_m(w: np.ndarray) -> Q8MWeight:
+    """8 bits with a block minimum: m = min, d = (max - min) / L (the fp16 at or above), q = rint((x - m) / d).
+
+    L = 255 (the finest grid), unless the block already lies on a coarser grid that this one misses: steps
+    of the smallest gap between its distinct values divided by 1, 2, ... (while the span fits in 255 of
+    them) are tried too, and the L with the smallest error kept. So blocks that come from Q4_1 (d4 * q + m: L = 15, or 255 = 15 * 17) or
+    Q8_0 (d * q: L = its q range) are stored as they were, up to fp16 rounding of m: a model imported from
+    a quantized GGUF loses nothing more here."""
+    n, nb, _ = _blocks(w).shape
+    x = _blocks(w).reshape(n * nb, QK)
+    lo16 = _fp16_value(_fp16_bits(x.min(axis=1, keepdims=True)))
+    d16, q, err = _q8m_fit(x, lo16, np.float32(255.0))
+    gaps = np.diff(np.sort(x, axis=1), axis=1)
+    gap = np.where(gaps > 0, gaps, np.inf).min(axis=1)  # inf for a constant block
+    steps = (x.max(axis=1) - x.min(axis=1)) / gap  # span in units of that gap (a whole number on a grid)
+    for k in range(1, 256):  # the grid's step may be the gap / k
+        levels = np.round(steps * k)
+        (idx,) = np.nonzero((levels >= 1) & (levels <= 255))
+        if not len(idx):
+            break
+        levels = levels[idx].astype(np.float32)[:, None]
+        d16k, qk, errk = _q8m_fit(x[idx], lo16[idx], levels)
+        better = (errk < err[idx])[:, 0]
+        idx = idx[better]
+        d16[idx], q[idx], err[idx] = d16k[better], qk[better], errk[better]
+    return Q8MWeight(
+        qs=np.ascontiguousarray(q.reshape(n, nb * QK)),
+        d=np.ascontiguousarray(d16.reshape(n, nb)),
+        m=_fp16_bits(lo16.reshape(n, nb)),
+    )
+
+
+def dequantize(w: Q8Weight | Q4Weight | Q8MWeight) -> np.ndarray:
+    """The reference dequantization, float32 [N, K] (bit-identical to gguf-py's for Q8_0 and Q4_1)."""
     if isinstance(w, Q8Weight):
         n, k = w.shape
         x = w.qs.reshape(n, k // QK, QK).astype(np.float32) * _fp16_value(w.d)[:, :, None]
@@ -151,6 +224,10 @@ def dequantize(w: Q8Weight | Q4Weight) -> np.ndarray:
         q = np.concatenate([packed & np.uint8(15), packed >> np.uint8(4)], axis=2).astype(np.float32)
         x = _fp16_value(w.d)[:, :, None] * q + _fp16_value(w.m)[:, :, None]
         return x.reshape(n, k)
+    if isinstance(w, Q8MWeight):
+        n, k = w.shape
+        q = w.qs.reshape(n, k // QK, QK).astype(np.float32)
+        return (_fp16_value(w.d)[:, :, None] * q + _fp16_value(w.m)[:, :, None]).reshape(n, k)
     raise TypeError(f"not a quantized weight: {type(w).__name__}")
 
 
@@ -209,8 +286,8 @@ def to_gguf_blocks(w: Q8Weight | Q4Weight) -> np.ndarray:
 FORMATS = ("f32", "int8", "q4")  # what --weights accepts
 # Bump when what a format's quantization produces changes (a quantizer, the LM head's format...): cached
 # quantized weights (nextword.weights.quant_cache) of another version are rewritten.
-QUANTIZER_VERSION = 1
-_QUANTIZERS = {"int8": quantize_q8_0, "q4": quantize_q4_1}
+QUANTIZER_VERSION = 2  # 2: int8 and the LM head are Q8_M (were Q8_0)
+_QUANTIZERS = {"int8": quantize_q8_m, "q4": quantize_q4_1}
 
 
 MATRICES = ("qkv", "o", "gate_up", "down", "fc", "proj")  # the layer fields that are matmul weights
@@ -235,12 +312,12 @@ def quantize_layer(layer, fmt: str):
 
 
 def quantize_head(lm_head: np.ndarray, fmt: str):
-    """The LM head in format `fmt`, never below int8: in 4 bits it alone costs several percent of perplexity
-    (llama.cpp's 4-bit files keep it at 6-8 bits too). Embedding rows are looked up, not multiplied, so the
-    embedding table stays float32; with tied embeddings the head becomes a quantized copy."""
+    """The LM head in format `fmt`, never below 8 bits (Q8_M): in 4 bits it alone costs several percent of
+    perplexity (llama.cpp's 4-bit files keep it at 6-8 bits too). Embedding rows are looked up, not
+    multiplied, so the embedding table stays float32; with tied embeddings the head becomes a quantized copy."""
     if fmt == "f32" or lm_head.shape[1] % QK:
         return lm_head
-    return quantize_q8_0(lm_head)
+    return quantize_q8_m(lm_head)
 
 
 def quantize_checkpoint(checkpoint, fmt: str):
