@@ -1,17 +1,23 @@
-"""Matrix products against block-quantized weights: Q8_0 (int8) and Q4_1 (4-bit), llama.cpp's formats.
+"""Matrix products against block-quantized weights: Q4_1 (4-bit) and Q8_0 (llama.cpp's formats), and Q8_M.
 
 Weights are stored as plain arrays (see `nextword.weights.quantize`), blocks of 32 along K:
 - Q8_0: `qs` int8 [N, K], `d` uint16 [N, K/32] (fp16 bits);          w = d * q
 - Q4_1: `qs` uint8 [N, K/2], `d`, `m` uint16 [N, K/32] (fp16 bits);   w = d * q + m, q in 0..15; byte j of a
   block holds element j in its low nibble and element j + 16 in its high nibble.
+- Q8_M: `qs` uint8 [N, K], `d`, `m` uint16 [N, K/32] (fp16 bits);     w = d * q + m, q in 0..255 (the `int8`
+  format and every LM head: it holds Q4_1- and Q8_0-origin blocks exactly, where Q8_0 loses 0.55% RMS).
 
 Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
-- `*_xq` (decode): the activations are quantized per 32-block to int8 (dx = absmax / 127, like llama.cpp's
-  Q8 activations), then each row is an integer dot per block, scaled by d * dx. On AVX2 + F16C hosts this is
-  an explicit-SIMD `@intrinsic` (vpmaddubsw + vpmaddwd, vector accumulators, vcvtph2ps); elsewhere a portable
-  numba loop. Tokens go 4 at a time through each row (`*_x4` dots: one unpacking of the row, every token's
-  float operations exactly those of the 1-token dot, so results do not depend on the batch). The result differs from the exact product by the activation rounding:
-  per block |err| <= 0.5 * dx * sum_j |w_j| (the Q4_1 `m` term takes the sum of the quantized x, as llama.cpp does).
+- `*_xq` (decode): the activations are quantized per 32-block to integers, then each row is an integer dot
+  per block, scaled by d * dx. Q4_1 and Q8_0 take int8 activations (dx = absmax / 127, llama.cpp's Q8
+  activations; vpmaddubsw + vpmaddwd); Q8_M takes int16 ones (dx = absmax / 32767; its uint8 weights
+  zero-extended to int16, vpmaddwd: as many multiply-add instructions per block as the int8 path, and 256x
+  finer activation steps, which the decode path needs to stay within 0.2% of float32's perplexity). On
+  AVX2 + F16C hosts each dot is an explicit-SIMD `@intrinsic` (vector accumulators, vcvtph2ps); elsewhere
+  a portable numba loop. Tokens go 4 at a time through each row (`*_x4` dots: one unpacking of the row,
+  every token's float operations exactly those of the 1-token dot, so results do not depend on the batch).
+  The result differs from the exact product by the activation rounding: per block
+  |err| <= 0.5 * dx * sum_j |w_j| (the `m` term takes the sum of the quantized x, as llama.cpp does).
 - `*_xf` (prompt tokens): the activations stay float32 (matches the float64 reference to ~1e-6 relative);
   each weight byte is read once per call. On the AVX2 path a panel of PANEL rows is dequantized, transposed
   and multiplied by a register-tiled micro-kernel (6 tokens x PANEL rows of sums, one fma per k and
@@ -959,11 +965,26 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
-def matmul_q8_m_xf(out, x, qs, d, m):
-    """out = x @ dequant(qs, d, m).T with float32 activations.   qs: uint8 [N, K]; d, m: uint16 [N, K/32]"""
+def matmul_q8_m_xf(out, x, qs, d, m, tiled):
+    """out = x @ dequant(qs, d, m).T with float32 activations (tiled: through the micro-kernel's panels).   qs: uint8 [N, K]; d, m: uint16 [N, K/32]"""
     N, nb = d.shape
     _check(out, x, N, nb)
     K = x.shape[1]
+    if tiled and HAVE_AVX2 and N % PANEL == 0:
+        few = x.shape[0] <= LANES  # few tokens: no transposed panels, the same sums (see _rows_times_xt_avx2)
+        xt = _transposed_tokens(x if few else x[:0])
+        for c in prange(N // PANEL):
+            rows, panel = np.empty((PANEL, K), np.float32), np.empty((0 if few else K, PANEL), np.float32)
+            for r in range(PANEL):
+                i = PANEL * c + r
+                for b in range(nb):
+                    _dequant_q8m_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
+            if few:
+                for r0 in range(0, PANEL, 8):
+                    _rows_times_xt_avx2(out, xt, rows, r0, PANEL * c + r0)
+            else:
+                _panel_times_x(out, x, rows, panel, PANEL * c)
+        return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
         for i0 in range(c * CHUNK, min(N, c * CHUNK + CHUNK), ROWS):
@@ -975,7 +996,7 @@ def matmul_q8_m_xf(out, x, qs, d, m):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# int8-activation path (decode). Each row is read once for all T tokens (it stays in L1 between tokens).
+# Integer-activation path (decode). Each row is read once for all T tokens (it stays in L1 between tokens).
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)

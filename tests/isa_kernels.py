@@ -19,7 +19,7 @@ from test_quant import (
 
 from nextword.kernels import attention, isa
 from nextword.kernels import quant as kq
-from nextword.weights.quantize import quantize_q4_1
+from nextword.weights.quantize import quantize_q4_1, quantize_q8_m
 
 
 def kq_inputs():
@@ -34,7 +34,7 @@ def main(expected: str) -> None:
     assert kq.HAVE_AVX2 == attention.HAVE_F16C == (expected == "avx2")
     # The kernels (cases of test_kernels_match_reference and test_kernels_block_loop_tails): 1 and 5 tokens
     # (the 1-token and the 4-token row dots), blocks per row 1, 17 and 18.
-    for kind in ("Q8_0", "Q4_1"):
+    for kind in ("Q8_0", "Q4_1", "Q8_M"):
         for t, n, k in [(1, 7, 32), (5, 7, 544), (5, 9, 576), (1, 64, 576)]:
             check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
     for kind in ("Q8_0", "Q4_1"):  # the float-activation path's two micro-kernels agree bit for bit
@@ -49,6 +49,13 @@ def main(expected: str) -> None:
     asm = one_row.inspect_asm(one_row.signatures[0])
     assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
     assert ("vpmaddubsw" in asm) == (expected == "avx2")
+    # and for the Q8_M row dot (uint8 weights widened to int16, times int16 activations)
+    one_row = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q8m(qs, d, m, 0, xq, dx, sx, 0))
+    w8 = quantize_q8_m(np.ones((1, 64), np.float32))
+    one_row(w8.qs, w8.d, w8.m, np.ones((1, 64), np.int16), dx, dx)
+    asm = one_row.inspect_asm(one_row.signatures[0])
+    assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
+    assert ("vpmaddwd" in asm and "vpmovzxbw" in asm) == (expected == "avx2")
     print(f"ok: {target}")
 
 

@@ -211,15 +211,15 @@ def test_fast_exp():
     assert (got[x <= -87] < 2e-38).all()  # clamped: tiny, never negative or NaN
 
 
-@pytest.mark.parametrize("fmt", ["f32", "q8", "q4"])
+@pytest.mark.parametrize("fmt", ["f32", "q8", "q8m", "q4"])
 def test_a_tokens_result_does_not_depend_on_its_batch(fmt):
     """Each row of x @ w.T is bit-identical whether computed alone, at an odd or even offset, or among
     other rows, in every path linear() takes: the engine promises that batch mates change no result."""
-    from nextword.weights.quantize import quantize_q4_1, quantize_q8_0
+    from nextword.weights.quantize import quantize_q4_1, quantize_q8_0, quantize_q8_m
 
     rng = np.random.default_rng(5)
     w = randn(rng, 66, 96)
-    w = {"f32": w, "q8": quantize_q8_0(w), "q4": quantize_q4_1(w)}[fmt]
+    w = {"f32": w, "q8": quantize_q8_0(w), "q8m": quantize_q8_m(w), "q4": quantize_q4_1(w)}[fmt]
     x = randn(rng, 9, 96)
     for decode_rows in (0, 3):
         full = np.empty((9, 66), dtype=np.float32)

@@ -20,7 +20,11 @@ from nextword.weights.quantize import (
     to_gguf_blocks,
 )
 
-QUANTIZERS = {"Q8_0": (quantize_q8_0, GT.Q8_0), "Q4_1": (quantize_q4_1, GT.Q4_1), "Q8_M": (quantize_q8_m, None)}
+QUANTIZERS = {
+    "Q8_0": (quantize_q8_0, GT.Q8_0),
+    "Q4_1": (quantize_q4_1, GT.Q4_1),
+    "Q8_M": (quantize_q8_m, None),
+}
 KINDS = ["Q8_0", "Q4_1", "Q8_M"]
 
 
@@ -106,6 +110,10 @@ def test_sizes_and_validation():
         Q4Weight(qs=np.zeros((2, 32), np.int8), d=np.zeros((2, 2), np.uint16), m=np.zeros((2, 2), np.uint16))
 
 
+def rms(e):
+    return np.sqrt((np.asarray(e, np.float64) ** 2).mean())
+
+
 def fp16(x):
     return np.asarray(x, np.float32).astype(np.float16).astype(np.float64)
 
@@ -120,7 +128,10 @@ def test_q8_m_quantizer_bounds(n, k):
     assert q.shape == (n, k) and q.qs.dtype == np.uint8 and q.nbytes == n * k + 2 * n * (k // 32) * 2
     x = w.astype(np.float64).reshape(n, k // 32, 32)
     got = dequantize(q).astype(np.float64).reshape(x.shape)
-    d, m = q.d.view(np.float16).astype(np.float64)[..., None], q.m.view(np.float16).astype(np.float64)[..., None]
+    d, m = (
+        q.d.view(np.float16).astype(np.float64)[..., None],
+        q.m.view(np.float16).astype(np.float64)[..., None],
+    )
     lo, hi = x.min(axis=2, keepdims=True), x.max(axis=2, keepdims=True)
     np.testing.assert_array_equal(m, fp16(lo))
     np.testing.assert_array_equal(got, (d * q.qs.reshape(x.shape) + m).astype(np.float32))
@@ -151,13 +162,14 @@ def test_q8_m_keeps_an_already_quantized_model(origin):
         assert np.all(np.abs(diff) <= 2.0**-11 * np.abs(lo) * 1.001)
         # Q8_0 itself, requantizing values it did not produce, errs ~10x more
         fresh = weight(np.random.default_rng(5), 40, 576, special=False)
-        rel = lambda a, b: np.sqrt(((a - b) ** 2).mean() / (b**2).mean())  # noqa: E731
-        assert rel(got, w) * 5 < rel(dequantize(quantize_q8_0(fresh)), fresh)
+        assert rms(got - w) / rms(w) * 5 < rms(dequantize(quantize_q8_0(fresh)) - fresh) / rms(fresh)
 
 
 def test_q8_m_validation():
     with pytest.raises(ValueError, match="do not match"):
-        Q8MWeight(qs=np.zeros((2, 64), np.uint8), d=np.zeros((2, 2), np.uint16), m=np.zeros((2, 1), np.uint16))
+        Q8MWeight(
+            qs=np.zeros((2, 64), np.uint8), d=np.zeros((2, 2), np.uint16), m=np.zeros((2, 1), np.uint16)
+        )
     with pytest.raises(ValueError, match="uint8"):
         Q8MWeight(qs=np.zeros((2, 64), np.int8), d=np.zeros((2, 2), np.uint16), m=np.zeros((2, 2), np.uint16))
     with pytest.raises(ValueError, match="multiple of the block size"):
@@ -268,7 +280,6 @@ def test_decode_path_really_quantizes_activations(kind):
     w = QUANTIZERS[kind][0](weight(rng, 64, 576, special=False))
     x = activations(rng, 1, 576)
     rounded = rounded_activations(x, w) @ dequantize(w).astype(np.float64).T
-    rms = lambda e: np.sqrt((e**2).mean())  # noqa: E731
     assert rms(outs["xq"] - rounded) < 0.2 * rms(outs["xq"] - ref)
     if levels(w) == 127:
         assert np.abs(outs["xq"] - ref).max() > 1e-4 * scale.max()
@@ -372,7 +383,13 @@ def test_one_compilation_per_kernel():
     check_kernels("Q8_0", 2, 8, 64, seed=1)
     check_kernels("Q4_1", 1, 8, 64, seed=1)
     check_kernels("Q8_M", 1, 8, 64, seed=1)
-    kernels = [*KERNELS["Q8_0"], *KERNELS["Q4_1"], *KERNELS["Q8_M"], kq.quantize_activations, kq._quantize_act_q4]
+    kernels = [
+        *KERNELS["Q8_0"],
+        *KERNELS["Q4_1"],
+        *KERNELS["Q8_M"],
+        kq.quantize_activations,
+        kq._quantize_act_q4,
+    ]
     kernels.append(kq.quantize_activations_i16)
     assert {k.py_func.__name__: len(k.signatures) for k in kernels} == {
         k.py_func.__name__: 1 for k in kernels

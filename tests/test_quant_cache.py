@@ -10,7 +10,7 @@ from tiny_models import write_tiny_model
 from nextword.weights import quant_cache
 from nextword.weights.loader import TensorFiles, load_checkpoint
 from nextword.weights.quant_cache import QuantizedMatrices, cache_path
-from nextword.weights.quantize import Q4Weight, Q8Weight, quantize_q4_1, quantize_q8_0
+from nextword.weights.quantize import Q4Weight, Q8MWeight, quantize_q4_1, quantize_q8_m
 
 
 def owner(array):
@@ -26,7 +26,7 @@ def source(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("fmt, quantize", [("q4", quantize_q4_1), ("int8", quantize_q8_0)])
+@pytest.mark.parametrize("fmt, quantize", [("q4", quantize_q4_1), ("int8", quantize_q8_m)])
 def test_written_once_then_mapped(tmp_path, source, fmt, quantize):
     rng = np.random.default_rng(0)
     w, narrow = (
@@ -48,7 +48,7 @@ def test_written_once_then_mapped(tmp_path, source, fmt, quantize):
     assert not first.hit and reads == ["qkv"] and cache_path(tmp_path, fmt).is_file()
     second, (q2, head2) = load()
     assert second.hit and reads == ["qkv"]  # nothing read or quantized the second time
-    assert type(q2) is type(q) is (Q4Weight if fmt == "q4" else Q8Weight)
+    assert type(q2) is type(q) is (Q4Weight if fmt == "q4" else Q8MWeight)
     for a, b in zip(q.blocks, q2.blocks, strict=True):
         np.testing.assert_array_equal(a, b)
         assert isinstance(owner(b), mmap.mmap) and b.flags.writeable and b.flags.c_contiguous
@@ -67,7 +67,7 @@ def test_stale_version_or_damaged_file_is_rebuilt(tmp_path, source, monkeypatch)
     m = QuantizedMatrices(tmp_path, "q4", [source])
     m.get("a", lambda: w)
     m.save()
-    monkeypatch.setattr(quant_cache, "QUANTIZER_VERSION", 2)
+    monkeypatch.setattr(quant_cache, "QUANTIZER_VERSION", quant_cache.QUANTIZER_VERSION + 1)
     assert not QuantizedMatrices(tmp_path, "q4", [source]).hit  # another quantizer version: other file
     monkeypatch.undo()
     cache_path(tmp_path, "q4").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

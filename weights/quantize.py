@@ -90,7 +90,9 @@ class Q8MWeight:
         _need(self.m, np.uint16, "m")
         n, k = self.qs.shape
         if k % QK or self.d.shape != (n, k // QK) or self.m.shape != self.d.shape:
-            raise ValueError(f"Q8MWeight: qs {self.qs.shape}, d {self.d.shape}, m {self.m.shape} do not match")
+            raise ValueError(
+                f"Q8MWeight: qs {self.qs.shape}, d {self.d.shape}, m {self.m.shape} do not match"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
