@@ -33,8 +33,8 @@ def score(
     model: Model, ids: list[int], window: int, decode_path: bool, kv: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per predicted position: (negative log-likelihood of the actual next token, argmax token). With
-    `decode_path`, every position goes through the matmul path of decode tokens (int8 activations for the
-    quantized formats) instead of the prompt path (float32 activations)."""
+    `decode_path`, every position goes through the matmul path of decode tokens (integer activations for
+    the quantized formats) instead of the prompt path (float32 activations)."""
     block = 16
     cache = model.new_cache(num_blocks=-(-window // block), block_size=block, dtype=kv)
     nll, top1 = [], []
@@ -94,7 +94,10 @@ def main() -> None:
     print(
         f"{folder.name}: {len(ids)} tokens of {TEXT.name}, windows of {args.window}; kernels for {target()}"
     )
-    print("path: prompt = float32 activations (prefill), decode = int8 activations (decode tokens)")
+    print(
+        "path: prompt = float32 activations (prefill), decode = integer activations (decode tokens:"
+        " int8 with Q4_1 weights, int16 with Q8_M)"
+    )
     print(
         f"{'format, path, KV cache':<24}{'weights MB':>11}{'perplexity':>12}{'vs f32':>9}{'top-1 = f32':>13}{'seconds':>9}"
     )

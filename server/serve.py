@@ -47,7 +47,7 @@ log = logging.getLogger("nextword.serve")
 @dataclass(frozen=True)
 class ServerConfig:
     model: Path | None  # None: the default model, fetched and imported on first use (after the port is bound)
-    weights: str = "q4"  # f32 | int8 | q4: q4 decodes 4x faster than f32 at +1.3% perplexity (benchmarks/)
+    weights: str = "q4"  # f32 | int8 | q4: q4 decodes 4x faster than f32 at +0.2% perplexity (benchmarks/)
     host: str = "127.0.0.1"
     port: int = 50051
     kv_cache_tokens: int = 16384
