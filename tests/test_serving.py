@@ -211,12 +211,12 @@ def test_memory_metrics(tiny_folder):
             )
         after = scrape(srv.metrics_port)
     # the served q4 weights, counted from the format definitions: 32 weights take 20 bytes in Q4_1 (fp16 d
-    # and m, 16 bytes of nibbles), 34 in Q8_0 (the LM head: fp16 d, 32 int8); the rest stays float32
+    # and m, 16 bytes of nibbles), 36 in Q8_M (the LM head: fp16 d and m, 32 uint8); the rest stays float32
     _, tensors = ref.load_reference(tiny_folder)
     q4_1 = sum(x.size for name, x in tensors.items() if name.split(".")[-2] in ref.LLAMA_MATRICES)
     head = tensors["lm_head.weight"].size
     floats = sum(x.size for x in tensors.values()) - q4_1 - head
-    assert after["nextword_weights_bytes"] == q4_1 // 32 * 20 + head // 32 * 34 + floats * 4
+    assert after["nextword_weights_bytes"] == q4_1 // 32 * 20 + head // 32 * 36 + floats * 4
     kv_before, kv_after = (
         before["nextword_kv_cache_resident_bytes"],
         after["nextword_kv_cache_resident_bytes"],
