@@ -12,6 +12,7 @@ script, not a test; numbers on a shared VM are noisy (+-15% or more), so compare
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import numba
@@ -79,7 +80,8 @@ def main() -> None:
         for fmt in a.formats:
             quantize, dec, prompt = FORMATS[fmt]
             blocks = quantize(w).blocks
-            cases += [(dec, blocks, 1), (dec, blocks, 16), (prompt, blocks, 16)]
+            tiled = functools.partial(prompt, tiled=True)  # as linear() runs prompt tokens
+            cases += [(dec, blocks, 1), (dec, blocks, 16), (tiled, blocks, 16)]
         row = f"{name:<20}"
         for fn, args, T in cases:
             nbytes = sum(arr.nbytes for arr in args)
