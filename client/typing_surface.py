@@ -41,6 +41,13 @@ def add_command(commands, common: argparse.ArgumentParser) -> None:
         help="a suggestion stops after this long (default: %(default)s)",
     )
     p.add_argument(
+        "--budget-ms",
+        type=int,
+        default=Settings.budget_ms,
+        help="a suggestion shows what has been generated after this long; 0: wait for all of it "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--file-name", default="", help="the file name given to models with file tokens (default: none)"
     )
     p.set_defaults(run=run)
@@ -48,7 +55,9 @@ def add_command(commands, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # One line at a time: the prompt is one line.
-    settings = Settings(max_tokens=args.max_tokens, timeout_ms=args.timeout_ms, block_lines=1)
+    settings = Settings(
+        max_tokens=args.max_tokens, timeout_ms=args.timeout_ms, budget_ms=args.budget_ms, block_lines=1
+    )
     from nextword.client.cli import connection_kwargs
 
     asyncio.run(type_lines(args, settings, connection_kwargs(args)))  # TLS and token, as every client command

@@ -25,7 +25,8 @@ from nextword.client import Client
 from nextword.client.suggest import Context, PromptFormat, Settings, is_block_start, shape
 
 ROOT = "/proj"
-LONG = {"timeoutMs": 600_000}  # the shared test machine may be slow: no time cut in equality tests
+# The shared test machine may be slow: no time cut and whole suggestions in equality tests.
+LONG = {"timeoutMs": 600_000, "budgetMs": 600_000}
 LSP = [sys.executable, "-m", "nextword.client.cli", "lsp"]
 TYPE = [sys.executable, "-m", "nextword.client.cli", "type"]
 
@@ -389,7 +390,7 @@ vim.wait(120000, function()
   return c ~= nil and c.server_capabilities ~= nil and c.server_capabilities.completionProvider ~= nil
 end, 20)
 -- The shared test machine can be slow: no time cut (a setting, sent as a user's config change would be).
-vim.lsp.get_client_by_id(id).notify("workspace/didChangeConfiguration", {settings = {timeoutMs = 600000}})
+vim.lsp.get_client_by_id(id).notify("workspace/didChangeConfiguration", {settings = {timeoutMs = 600000, budgetMs = 600000}})
 local params = {
   textDocument = {uri = vim.uri_from_bufnr(0)},
   position = {line = vim.fn.line("$") - 1, character = #vim.fn.getline("$")},
@@ -461,7 +462,9 @@ def test_tmux_typing_surface_shows_and_accepts_the_grey_suggestion(smollm2_serve
             time.sleep(0.1)
         raise AssertionError(f"the screen never showed it:\n{text}")
 
-    command = " ".join([*TYPE, "--target", target(smollm2_server), "--timeout-ms", "600000"])
+    command = " ".join(
+        [*TYPE, "--target", target(smollm2_server), "--timeout-ms", "600000", "--budget-ms", "600000"]
+    )
     tm("new-session", "-d", "-s", "editor", "-x", "100", "-y", "12", "-e", "TERM=xterm-256color", command)
     try:
         wait_for(
