@@ -18,6 +18,7 @@ this needs the server started here). Run it alone on the machine.
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -25,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,9 @@ SOURCES = ["server/engine.py", "client/client.py", "server/service.py", "client/
 LSP = [sys.executable, "-m", "nextword.client.cli", "lsp"]
 WARM_UP_MS = 600_000  # the warm-up request's time budget: it computes the whole file start
 LOG_LINE = re.compile(
-    r"(\d+) prompt \+ (\d+) generated tokens, finish=(\w+)|(cancelled) by the client after (\d+)"
+    r"(?P<prompt>\d+) prompt \((?P<cached>\d+) cached\) \+ (?P<tokens>\d+) generated tokens, "
+    r"finish=(?P<reason>\w+), queue=(?P<queue>\d+) ms, ttft=(?P<ttft>\d+) ms"
+    r"|(?P<cancelled>cancelled) by the client after (?P<cancelled_tokens>\d+)"
 )
 
 
@@ -54,16 +59,46 @@ def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"the server did not start (see {log_path})")
 
 
-def tokens_by_outcome(log_path: Path | None, start: int) -> tuple[dict[str, int], int]:
-    """Generated tokens per finish reason in the server log after byte `start`; and the log's new end."""
+@dataclass
+class ServerLog:
+    """What the server's per-request log lines say about the requests of one level (warm-ups included)."""
+
+    tokens: Counter = field(default_factory=Counter)  # generated tokens per finish reason
+    requests: Counter = field(default_factory=Counter)  # requests per finish reason ("continued" too)
+    uncached: list = field(default_factory=list)  # per generation: prompt tokens not from the prefix cache
+    queue_ms: list = field(default_factory=list)
+    ttft_ms: list = field(default_factory=list)  # of the generations that produced a token
+
+    def summary(self) -> str:
+        ends = ", ".join(f"{k} {v}" for k, v in self.requests.most_common())
+        med = lambda xs: f"{np.median(xs):.0f}" if xs else "-"
+        return (
+            f"server requests by how they ended: {ends}; median per generation: "
+            f"{med(self.uncached)} prompt tokens not cached, queue {med(self.queue_ms)} ms, "
+            f"first token {med(self.ttft_ms)} ms"
+        )
+
+
+def read_server_log(log_path: Path | None, start: int) -> tuple[ServerLog, int]:
+    """The server log's lines after byte `start`; and the log's new end."""
+    out = ServerLog()
     if log_path is None:
-        return {}, 0
+        return out, 0
     data = log_path.read_bytes()
-    totals: dict[str, int] = {}
-    for m in LOG_LINE.finditer(data[start:].decode(errors="replace")):
-        reason, tokens = (m.group(3), m.group(2)) if m.group(3) else (m.group(4), m.group(5))
-        totals[reason] = totals.get(reason, 0) + int(tokens)
-    return totals, len(data)
+    text = data[start:].decode(errors="replace")
+    for m in LOG_LINE.finditer(text):
+        if m["cancelled"]:
+            out.tokens["cancelled"] += int(m["cancelled_tokens"])
+            out.requests["cancelled"] += 1
+            continue
+        out.tokens[m["reason"]] += int(m["tokens"])
+        out.requests[m["reason"]] += 1
+        out.uncached.append(int(m["prompt"]) - int(m["cached"]))
+        out.queue_ms.append(int(m["queue"]))
+        if int(m["tokens"]):
+            out.ttft_ms.append(int(m["ttft"]))
+    out.requests["continued"] = text.count("continued by the next request")
+    return out, len(data)
 
 
 def script(index: int) -> tuple[str, str, str]:
@@ -74,7 +109,9 @@ def script(index: int) -> tuple[str, str, str]:
     return path, "".join(lines[:start]), "".join(lines[start:])
 
 
-async def editor(index: int, target: str, seconds: float, go: asyncio.Event, ready: list, out: list) -> None:
+async def editor(
+    index: int, target: str, seconds: float, settings: dict, go: asyncio.Event, ready: list, out: list
+) -> None:
     from lsprotocol import types as lsp
     from pygls.lsp.client import LanguageClient
 
@@ -90,7 +127,7 @@ async def editor(index: int, target: str, seconds: float, go: asyncio.Event, rea
         lsp.InitializeParams(
             capabilities=lsp.ClientCapabilities(),
             root_uri=f"file://{ROOT}",
-            initialization_options={"timeoutMs": WARM_UP_MS},
+            initialization_options=settings | {"timeoutMs": WARM_UP_MS, "budgetMs": 0},
         )
     )
     client.initialized(lsp.InitializedParams())
@@ -113,7 +150,9 @@ async def editor(index: int, target: str, seconds: float, go: asyncio.Event, rea
     # half-computed and the measured keystrokes paid for the rest.
     await request(line, column)
     client.workspace_did_change_configuration(
-        lsp.DidChangeConfigurationParams(settings={"timeoutMs": Settings.timeout_ms})
+        lsp.DidChangeConfigurationParams(
+            settings={"timeoutMs": Settings.timeout_ms, "budgetMs": Settings.budget_ms} | settings
+        )
     )
     ready.append(index)
     await go.wait()
@@ -154,9 +193,9 @@ async def editor(index: int, target: str, seconds: float, go: asyncio.Event, rea
     await client.stop()
 
 
-async def level(n: int, target: str, seconds: float) -> list[tuple[bool, float]]:
+async def level(n: int, target: str, seconds: float, settings: dict) -> list[tuple[bool, float]]:
     go, ready, out = asyncio.Event(), [], []
-    tasks = [asyncio.create_task(editor(i, target, seconds, go, ready, out)) for i in range(n)]
+    tasks = [asyncio.create_task(editor(i, target, seconds, settings, go, ready, out)) for i in range(n)]
     while len(ready) < n:
         if any(t.done() for t in tasks):
             await asyncio.gather(*tasks)  # raise what went wrong
@@ -171,7 +210,13 @@ def main() -> None:
     ap.add_argument("--editors", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--seconds", type=float, default=20.0, help="typing time of each editor per level")
     ap.add_argument("--target", help="an already running server (then no thrown-away token counts)")
+    ap.add_argument(
+        "--settings",
+        default="{}",
+        help="the language server's settings, as JSON (default: its defaults), e.g. '{\"budgetMs\": 0}'",
+    )
     args = ap.parse_args()
+    settings = json.loads(args.settings)
 
     proc, log_path = None, None
     if args.target:
@@ -184,10 +229,11 @@ def main() -> None:
     rows = [header, "|" + "---|" * 9]
     try:
         for n in args.editors:
-            _, start = tokens_by_outcome(log_path, 0)
+            _, start = read_server_log(log_path, 0)
             began = time.perf_counter()
-            out = asyncio.run(level(n, target, args.seconds))
-            tokens, _ = tokens_by_outcome(log_path, start)
+            out = asyncio.run(level(n, target, args.seconds, settings))
+            server_log, _ = read_server_log(log_path, start)
+            tokens = server_log.tokens
             shown = np.array([ms for ok, ms in out if ok])
             p50, p90, p99 = np.percentile(shown, [50, 90, 99]) if len(shown) else (float("nan"),) * 3
             keys = len(out)
@@ -200,6 +246,8 @@ def main() -> None:
             )
             rows.append(row)
             print(row, f"({time.perf_counter() - began:.0f} s)", flush=True)
+            if log_path:
+                print(f"  {server_log.summary()} (warm-ups included)", flush=True)
     finally:
         if proc is not None:
             proc.terminate()

@@ -242,54 +242,68 @@ class Suggester:
         loop = asyncio.get_running_loop()
         started = loop.time()
         hard_deadline = started + settings.timeout_ms / 1000 + 5
-        block = is_block_start(context.before)
-        max_lines = settings.block_lines if block else settings.max_lines
-        gen = None
-        # Follow the generation the user is typing along: answer from it, or wait while what they typed runs
-        # ahead of what it produced so far; a new generation only when the typed text leaves it.
-        while (typed := self._typed_into(self._live, context, max_lines)) is not None:
-            live = self._live
-            if live.text.startswith(typed):
-                if live.reason is not None:  # finished: the rest of what was typed into, locally
-                    if typed and (rest := shape(live.text[len(typed) :], context, max_lines)):
-                        return rest
-                    break
-                gen = live
-                break
-            if not await self._changed(hard_deadline):
-                return ""
+        # After budget_ms: what has been generated so far (whole tokens), if anything; the generation goes on.
+        budget_at = started + settings.budget_ms / 1000 if settings.budget_ms else hard_deadline
+        max_lines = settings.block_lines if is_block_start(context.before) else settings.max_lines
+        try:
+            gen, typed = await self._follow(context, max_lines, ticket, hard_deadline)
             if ticket != self.latest:
                 return None
-        try:
-            if gen is None or typed:  # a new request; or the server's continue of `gen` under a new id
+            if gen is not None and gen.reason is not None:  # finished: the rest of it, locally
+                return shape(gen.text[len(typed) :], context, max_lines)
+            if gen is None:
                 prompt = await self._prompt(context, settings)
                 if ticket != self.latest:
                     return None
                 gen = await self._send(prompt, context, max_lines, settings)
-        except NextwordError as e:
-            self.connection.failed(e)
-            return ""
-        # The answer: the whole suggestion, or after `budget_ms` what has been generated so far (at a token
-        # boundary; the generation goes on for the keystrokes typed along it).
-        budget_at = started + settings.budget_ms / 1000 if settings.budget_ms else hard_deadline
-        try:
             while gen.reason is None and ticket == self.latest:
-                if loop.time() >= budget_at and (
-                    text := shape(context.after_blank(gen.text), context, max_lines)
-                ):
+                if loop.time() >= budget_at and (text := self._answer(gen, typed, context, max_lines)):
                     return text
                 until = hard_deadline if loop.time() >= budget_at else budget_at
                 if not await self._changed(until) and until == hard_deadline:
                     self._drop_session()
                     return ""
+        except NextwordError as e:
+            self.connection.failed(e)
+            return ""
         except asyncio.CancelledError:
-            if ticket == self.latest and self._live is gen and gen.reason is None:
+            if ticket == self.latest and self._live is not None and self._live.reason is None:
                 self._drop_session()  # $/cancelRequest: the server frees the sequence at its next step
             raise
         if gen.reason == "superseded" or ticket != self.latest:
             return None
-        raw = "" if gen.reason in ("error", "cancelled") else gen.text
-        return shape(context.after_blank(raw), context, max_lines)
+        return self._answer(gen, typed, context, max_lines)
+
+    async def _follow(
+        self, context: Context, max_lines: int, ticket: int, deadline: float
+    ) -> tuple[_Generation | None, str]:
+        """The generation that answers at `context` without a new one, and the text typed since its prompt:
+        a finished one whose text starts with what was typed since; a running one that agrees with it (when
+        the typed text runs ahead of what it produced so far, this waits for more). (None, "") when a new
+        request is needed: the typed text left the generation (or there is none), or it finished right at
+        the cursor. A running generation that already produced the typed text is continued on the server
+        under a new request id (the Session's continue)."""
+        waited = False
+        while (typed := self._typed_into(self._live, context, max_lines)) is not None:
+            live = self._live
+            if live.text.startswith(typed):
+                if live.reason is not None:
+                    useful = typed and shape(live.text[len(typed) :], context, max_lines)
+                    return (live, typed) if useful else (None, "")
+                if waited or not typed:
+                    return live, typed
+                return None, ""  # the caller sends it: the server continues the generation
+            if not await self._changed(deadline) or ticket != self.latest:
+                return live, typed  # stale or out of time: the caller answers accordingly
+            waited = True
+        return None, ""
+
+    def _answer(self, gen: _Generation, typed: str, context: Context, max_lines: int) -> str:
+        """The suggestion from what `gen` generated so far, less the `typed` text."""
+        if gen.reason in ("error", "cancelled"):
+            return ""
+        raw = gen.text[len(typed) :] if typed else context.after_blank(gen.text)
+        return shape(raw, context, max_lines)
 
     def _typed_into(self, gen: _Generation | None, context: Context, max_lines: int) -> str | None:
         """What the user typed since `gen`'s prompt when it still agrees with `gen` (a prefix of its text, or,

@@ -665,6 +665,6 @@ def _request_summary(step: Step) -> str:
     f = step.finish
     rate = 1 / f.mean_itl_s if f.mean_itl_s else 0.0
     return (
-        f"{f.prompt_tokens} prompt + {f.generated_tokens} generated tokens, finish={f.reason}, "
-        f"ttft={f.ttft_s * 1000:.0f} ms, {rate:.1f} tokens/s"
+        f"{f.prompt_tokens} prompt ({f.cached_prompt_tokens} cached) + {f.generated_tokens} generated tokens, "
+        f"finish={f.reason}, queue={f.queue_s * 1000:.0f} ms, ttft={f.ttft_s * 1000:.0f} ms, {rate:.1f} tokens/s"
     )

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -291,6 +292,44 @@ def test_typing_along_a_suggestion_needs_no_new_generation(smollm2_server):
     assert counter(srv, "nextword_session_continued") == continuations + 1
     assert counter(srv, "nextword_requests") == requests + 1  # one generation finished for both requests
     assert (typed_live + rest).startswith(head.text.rstrip())
+
+
+@pytest.mark.real_model
+def test_typing_ahead_of_a_running_generation_waits_for_it(smollm2_server):
+    """Keystrokes that agree with the running generation but go past what it produced so far do not replace
+    it: the language server waits for it and answers the rest of it (one generation on the server)."""
+    srv, engine = smollm2_server, smollm2_server.runner.engine
+    line = greedy(target(srv), f"<filename>pkg/fib.py\n{FIB}").split("\n")[0].rstrip()
+    typed = line[:6]
+    assert len(line) > len(typed) + 2  # the model has more to say after the typed part
+
+    async def body():
+        async with editor(target(srv)) as ed:
+            uri = ed.open("pkg/fib.py", FIB)
+            requests, continued = (
+                counter(srv, "nextword_requests"),
+                counter(srv, "nextword_session_continued"),
+            )
+            gate = threading.Event()
+            srv.runner.call(lambda: gate.wait(120))  # the engine stops between two steps until the gate opens
+            try:
+                first = ed.inline(uri, FIB)
+                while not engine.sequences():  # the request reached the stopped engine: nothing generated
+                    await asyncio.sleep(0.01)
+                ed.change(uri, FIB + typed)
+                second = ed.inline(uri, FIB + typed)
+                await asyncio.sleep(0.5)  # time enough for a (wrong) new request to reach the server
+                waiting = len(engine.sequences())
+            finally:
+                gate.set()
+            return await first, await second, waiting, requests, continued
+
+    first, second, waiting, requests, continued = run(body())
+    assert waiting == 1  # the keystroke did not send a request of its own
+    assert not first.items  # superseded by the keystroke
+    assert second.items[0].insert_text == line[len(typed) :]
+    assert counter(srv, "nextword_requests") == requests + 1  # one generation answered both
+    assert counter(srv, "nextword_session_continued") == continued  # and the server never heard of the second
 
 
 @pytest.mark.real_model
