@@ -333,6 +333,47 @@ def test_typing_ahead_of_a_running_generation_waits_for_it(smollm2_server):
 
 
 @pytest.mark.real_model
+def test_the_budget_answers_what_was_generated_and_the_generation_goes_on(smollm2_server, monkeypatch):
+    """Past budgetMs the answer is the text generated so far; the generation goes on, and typing that answer
+    is answered from it (the server's continue), not from a new generation."""
+    srv, engine = smollm2_server, smollm2_server.runner.engine
+    line = greedy(target(srv), f"<filename>pkg/fib.py\n{FIB}").split("\n")[0].rstrip()
+    gate, step = threading.Event(), engine.step
+
+    def step_then_hold() -> int:  # the engine stops after the step that gave the first token, until the gate
+        n = step()
+        if any(seq.generated for seq in engine.sequences()):
+            gate.wait(120)
+        return n
+
+    async def body():
+        async with editor(target(srv), budgetMs=1) as ed:
+            uri = ed.open("pkg/fib.py", FIB)
+            requests, continued = (
+                counter(srv, "nextword_requests"),
+                counter(srv, "nextword_session_continued"),
+            )
+            monkeypatch.setattr(engine, "step", step_then_hold)
+            try:
+                partial = await ed.suggestion(uri, FIB)  # the budget is long past: one token's text
+                ed.configure(budgetMs=600_000)
+                ed.change(uri, FIB + partial)
+                rest = ed.inline(uri, FIB + partial)
+                deadline = time.monotonic() + 60  # the server continues the held generation
+                while counter(srv, "nextword_session_continued") == continued and time.monotonic() < deadline:
+                    await asyncio.sleep(0.01)
+            finally:
+                gate.set()
+            return partial, (await rest).items[0].insert_text, requests, continued
+
+    partial, rest, requests, continued = run(body())
+    assert partial and line.startswith(partial) and len(partial) < len(line)
+    assert partial + rest == line
+    assert counter(srv, "nextword_session_continued") == continued + 1
+    assert counter(srv, "nextword_requests") == requests + 1  # one generation for both
+
+
+@pytest.mark.real_model
 def test_context_is_cut_at_a_line_boundary_within_the_token_budget(smollm2_server):
     from nextword.client import AsyncClient
     from nextword.client.suggest import Connection, Suggester
