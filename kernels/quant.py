@@ -198,6 +198,16 @@ def _hsum(builder, v, n):
     return s
 
 
+def _with_min_term(builder, accs, macc, mtail):
+    """Per token: its dot's vector accumulators plus its min-term sums (formats with a block minimum m: the
+    8 lanes of m * sum(x) of whole steps, and the scalar of the tail blocks), as one float32."""
+    vals = []
+    for acc, m_lanes, m_tail in zip(accs, macc, mtail, strict=True):
+        v = _strict(builder.fadd(_sum_accs(builder, acc), builder.load(m_lanes)))
+        vals.append(_strict(builder.fadd(_hsum(builder, v, 8), builder.load(m_tail))))
+    return vals
+
+
 def _result(context, builder, sig, vals):
     return vals[0] if len(vals) == 1 else context.make_tuple(builder, sig.return_type, vals)
 
@@ -369,22 +379,23 @@ def _q4_codegen(nt):
                     b.store(b.call(fma8, [dot, _splat(b, s[k], 8), b.load(accs[k][1])]), accs[k][1])
 
         _block_loop(b, nb, _STEP, body, tail)
-        vals = []
-        for k in range(nt):
-            v = _strict(b.fadd(_sum_accs(b, accs[k]), b.load(macc[k])))
-            vals.append(_strict(b.fadd(_hsum(b, v, 8), b.load(mtail[k]))))
-        return _result(context, b, sig, vals)
+        return _result(context, b, sig, _with_min_term(b, accs, macc, mtail))
 
     return codegen
 
 
-def _q4_types(name, qs, d, m, xq, dx, sx):
+def _min_types(name, xq_dtype, qs, d, m, xq, dx, sx):
+    """Argument types of the dots of formats with a block minimum (Q4_1: int8 activations, Q8_M: int16)."""
     _check_types(
         name,
-        [(qs, types.uint8), (d, types.uint16), (m, types.uint16), (xq, types.int8), (dx, types.float32),
+        [(qs, types.uint8), (d, types.uint16), (m, types.uint16), (xq, xq_dtype), (dx, types.float32),
          (sx, types.float32)],
     )  # fmt: skip
     return (qs, d, m, types.intp, xq, dx, sx, types.intp)
+
+
+def _q4_types(name, qs, d, m, xq, dx, sx):
+    return _min_types(name, types.int8, qs, d, m, xq, dx, sx)
 
 
 @intrinsic
@@ -463,22 +474,13 @@ def _q8m_codegen(nt):
                     b.store(b.call(fma1, [mv, sxk, b.load(mtail[k])]), mtail[k])
 
         _block_loop(b, nb, _STEP, body, tail)
-        vals = []
-        for k in range(nt):
-            v = _strict(b.fadd(_sum_accs(b, accs[k]), b.load(macc[k])))
-            vals.append(_strict(b.fadd(_hsum(b, v, 8), b.load(mtail[k]))))
-        return _result(context, b, sig, vals)
+        return _result(context, b, sig, _with_min_term(b, accs, macc, mtail))
 
     return codegen
 
 
 def _q8m_types(name, qs, d, m, xq, dx, sx):
-    _check_types(
-        name,
-        [(qs, types.uint8), (d, types.uint16), (m, types.uint16), (xq, types.int16), (dx, types.float32),
-         (sx, types.float32)],
-    )  # fmt: skip
-    return (qs, d, m, types.intp, xq, dx, sx, types.intp)
+    return _min_types(name, types.int16, qs, d, m, xq, dx, sx)
 
 
 @intrinsic
@@ -892,6 +894,17 @@ def _transposed_tokens(x):
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _times_x(out, x, xt, rows, panel, i0):
+    """out[:, i0 : i0 + PANEL] = x @ rows.T for PANEL dequantized rows: for at most LANES tokens with the tokens
+    in the lanes (xt: x transposed), else through the transposed panel. The same sums either way."""
+    if x.shape[0] <= LANES:
+        for r0 in range(0, PANEL, 8):
+            _rows_times_xt_avx2(out, xt, rows, r0, i0 + r0)
+    else:
+        _panel_times_x(out, x, rows, panel, i0)
+
+
+@njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _panel_times_x(out, x, rows, panel, i0):
     """out[:, i0 : i0 + PANEL] = x @ rows.T, rows [PANEL, K] dequantized: transposed into `panel`
     [K, PANEL] for the micro-kernel, 6 tokens per pass."""
@@ -917,11 +930,7 @@ def matmul_q8_0_xf(out, x, qs, d, tiled):
             for r in range(PANEL):
                 for b in range(nb):
                     _dequant_q8_block(rows, r, qs, PANEL * c + r, b, _h2f(d[PANEL * c + r, b]))
-            if few:
-                for r0 in range(0, PANEL, 8):
-                    _rows_times_xt_avx2(out, xt, rows, r0, PANEL * c + r0)
-            else:
-                _panel_times_x(out, x, rows, panel, PANEL * c)
+            _times_x(out, x, xt, rows, panel, PANEL * c)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
@@ -948,11 +957,7 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
                 i = PANEL * c + r
                 for b in range(nb):
                     _dequant_q4_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
-            if few:
-                for r0 in range(0, PANEL, 8):
-                    _rows_times_xt_avx2(out, xt, rows, r0, PANEL * c + r0)
-            else:
-                _panel_times_x(out, x, rows, panel, PANEL * c)
+            _times_x(out, x, xt, rows, panel, PANEL * c)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
@@ -979,11 +984,7 @@ def matmul_q8_m_xf(out, x, qs, d, m, tiled):
                 i = PANEL * c + r
                 for b in range(nb):
                     _dequant_q8m_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
-            if few:
-                for r0 in range(0, PANEL, 8):
-                    _rows_times_xt_avx2(out, xt, rows, r0, PANEL * c + r0)
-            else:
-                _panel_times_x(out, x, rows, panel, PANEL * c)
+            _times_x(out, x, xt, rows, panel, PANEL * c)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
