@@ -345,8 +345,9 @@ def _chunk_softmax_prompt(parts, q, scores, kt, vc, k_cache, v_cache, table, fir
         _gemm(sg, q[g], kt, head_dim, n)
         for r in range(rows):
             end = min(c1, first + r // group + 1)  # positions this row sees, in this chunk
-            if end <= c0:
+            if end <= c0:  # a chunk after the row's token: weight 0 in the merge (m = -1e30, sum 0, values 0)
                 parts[g, r, 0] = np.float32(-1e30)
+                parts[g, r, 1] = np.float32(0.0)
                 for jj in range(n):
                     sg[r, jj] = np.float32(0.0)
                 continue
