@@ -77,9 +77,9 @@ def main() -> None:
 
 
 def _timed(fn, name, totals, calls):
-    def wrapper(*args):
+    def wrapper(*args, **kwargs):
         t = time.perf_counter()
-        result = fn(*args)
+        result = fn(*args, **kwargs)
         totals[name] += time.perf_counter() - t
         calls[name] += 1
         return result

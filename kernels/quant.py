@@ -16,6 +16,8 @@ Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
   AVX2 + F16C hosts each dot is an explicit-SIMD `@intrinsic` (vector accumulators, vcvtph2ps); elsewhere
   a portable numba loop. Tokens go 4 at a time through each row (`*_x4` dots: one unpacking of the row,
   every token's float operations exactly those of the 1-token dot, so results do not depend on the batch).
+  One vector accumulator per token (two for Q8_M), so that 4 tokens fit AVX2's 16 registers; Q4_1 adds each
+  block's 32 products in exact integers (vphaddw) and takes one fma per 8 blocks.
   The result differs from the exact product by the activation rounding: per block
   |err| <= 0.5 * dx * sum_j |w_j| (the `m` term takes the sum of the quantized x, as llama.cpp does).
 - `*_xf` (prompt tokens): the activations stay float32 (matches the float64 reference to ~1e-6 relative);
@@ -151,7 +153,6 @@ def _half_to_f32(builder, ptr, offset):
 
 
 _STEP = 8  # blocks per main-loop iteration (one 8-wide scale vector)
-_NACC = 4  # independent vector accumulators (hides the FMA latency)
 _PREFETCH = 2048  # bytes ahead of the weight stream to prefetch (0: off)
 
 
@@ -184,28 +185,11 @@ def _strict(instr):
     return instr
 
 
-def _sum_accs(builder, accs):
-    v = [builder.load(a) for a in accs]
-    while len(v) > 1:
-        v = [_strict(builder.fadd(v[k], v[k + 1])) for k in range(0, len(v), 2)]
-    return v[0]
-
-
 def _hsum(builder, v, n):
     s = builder.extract_element(v, ir.Constant(_i32, 0))
     for k in range(1, n):
         s = _strict(builder.fadd(s, builder.extract_element(v, ir.Constant(_i32, k))))
     return s
-
-
-def _with_min_term(builder, accs, macc, mtail):
-    """Per token: its dot's vector accumulators plus its min-term sums (formats with a block minimum m: the
-    8 lanes of m * sum(x) of whole steps, and the scalar of the tail blocks), as one float32."""
-    vals = []
-    for acc, m_lanes, m_tail in zip(accs, macc, mtail, strict=True):
-        v = _strict(builder.fadd(_sum_accs(builder, acc), builder.load(m_lanes)))
-        vals.append(_strict(builder.fadd(_hsum(builder, v, 8), builder.load(m_tail))))
-    return vals
 
 
 def _result(context, builder, sig, vals):
@@ -232,43 +216,32 @@ def _q8_codegen(nt):
         maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [_V(_i16, 16), _V(_i16, 16)])
         fma = _fn(b, "llvm.fma.v8f32", _V(_f32, 8), [_V(_f32, 8)] * 3)
         ones = ir.Constant(_V(_i16, 16), [1] * 16)
-        accs = [
-            [cgutils.alloca_once_value(b, ir.Constant(_V(_f32, 8), [0.0] * 8)) for _ in range(_NACC)]
-            for _ in range(nt)
-        ]
+        accs = [cgutils.alloca_once_value(b, ir.Constant(_V(_f32, 8), [0.0] * 8)) for _ in range(nt)]
         c32 = ir.Constant(nb.type, QK)
 
-        def block_dots(blk):  # per token, <8 x float>: the integer dot of one block in 8 partial sums
+        def add_block(blk, dv_blk):  # dv_blk: the block's weight scale in 8 lanes
             off = b.mul(blk, c32)
             w = _load_vec(b, row, off, _V(_i8, 32), 1)
             aw = b.call(vabs, [w, ir.Constant(_i1, 0)])
-            dots = []
-            for xrow in xrows:
-                xv = _load_vec(b, xrow, off, _V(_i8, 32), 1)
+            for k in range(nt):
+                xv = _load_vec(b, xrows[k], off, _V(_i8, 32), 1)
                 p16 = b.call(maddubs, [aw, b.call(psign, [xv, w])])
-                dots.append(b.sitofp(b.call(maddwd, [p16, ones]), _V(_f32, 8)))
-            return dots
+                dot = b.sitofp(b.call(maddwd, [p16, ones]), _V(_f32, 8))
+                sc = _strict(b.fmul(dv_blk, _splat(b, b.load(b.gep(dxrows[k], [blk])), 8)))
+                b.store(b.call(fma, [dot, sc, b.load(accs[k])]), accs[k])
 
         def body(base):
             _prefetch(b, row, b.mul(base, c32), _STEP * QK // 64)
             dv = _halfn_to_f32(b, drow, base, _STEP)
-            scales = [_strict(b.fmul(dv, _load_vec(b, dxr, base, _V(_f32, _STEP), 4))) for dxr in dxrows]
             for u in range(_STEP):
-                dots = block_dots(b.add(base, ir.Constant(nb.type, u)))
-                for k in range(nt):
-                    acc = accs[k][u % _NACC]
-                    b.store(b.call(fma, [dots[k], _lane(b, scales[k], u), b.load(acc)]), acc)
+                add_block(b.add(base, ir.Constant(nb.type, u)), _lane(b, dv, u))
 
         def tail(start):
             with cgutils.for_range_slice(b, start, nb, ir.Constant(nb.type, 1)) as (blk, _):
-                dv = _half_to_f32(b, drow, blk)
-                dots = block_dots(blk)
-                for k in range(nt):
-                    s = _strict(b.fmul(dv, b.load(b.gep(dxrows[k], [blk]))))
-                    b.store(b.call(fma, [dots[k], _splat(b, s, 8), b.load(accs[k][0])]), accs[k][0])
+                add_block(blk, _splat(b, _half_to_f32(b, drow, blk), 8))
 
         _block_loop(b, nb, _STEP, body, tail)
-        return _result(context, b, sig, [_hsum(b, _sum_accs(b, accs[k]), 8) for k in range(nt)])
+        return _result(context, b, sig, [_hsum(b, b.load(accs[k]), 8) for k in range(nt)])
 
     return codegen
 
@@ -307,79 +280,95 @@ def _q4_codegen(nt):
         fma1 = _fn(b, "llvm.fma.f32", _f32, [_f32] * 3)
         ones = ir.Constant(_V(_i16, 16), [1] * 16)
         zero8 = ir.Constant(_V(_f32, 8), [0.0] * 8)
-        accs = [[cgutils.alloca_once_value(b, zero8) for _ in range(_NACC)] for _ in range(nt)]
-        macc = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]  # m * sum(x), 8 blocks per lane group
+        # One accumulator per token (16 vector registers on AVX2: more would spill in the multi-token dots);
+        # the block minimums' term m * sum(x) goes into it too, 8 blocks at a time.
+        accs = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]
         mtail = [cgutils.alloca_once_value(b, ir.Constant(_f32, 0.0)) for _ in range(nt)]
         c16, c32 = ir.Constant(nb.type, QK // 2), ir.Constant(nb.type, QK)
         one, two = ir.Constant(nb.type, 1), ir.Constant(nb.type, 2)
+        pair_lanes = ir.Constant(_V(_i32, 8), [0] * 4 + [1] * 4)
+        phaddw = _fn(b, "llvm.x86.avx2.phadd.w", _V(_i16, 16), [_V(_i16, 16), _V(_i16, 16)])
+        block_order = ir.Constant(_V(_i32, 8), [0, 4, 1, 5, 2, 6, 3, 7])
 
         def nibbles(vty, packed):
             lo = b.and_(packed, ir.Constant(vty, [0x0F] * vty.count))
             return lo, b.lshr(packed, ir.Constant(vty, [4] * vty.count))
 
-        def pair_dots(blk):  # per token, <8 x float>: lanes 0..3 block blk, lanes 4..7 block blk + 1
-            lo, hi = nibbles(_V(_i8, 32), _load_vec(b, row, b.mul(blk, c16), _V(_i8, 32), 1))
+        def pair_sums(lo, hi, xrow, blk):  # <16 x i16>: lanes 0..7 block blk, lanes 8..15 block blk + 1
             xoff = b.mul(blk, c32)
-            dots = []
-            for xrow in xrows:
-                xa = _load_vec(b, xrow, xoff, _V(_i8, 32), 1)
-                xb = _load_vec(b, xrow, b.add(xoff, c32), _V(_i8, 32), 1)
-                p16 = b.add(b.call(maddubs, [lo, xa]), b.call(maddubs, [hi, xb]))  # <= 4*15*127: no overflow
-                dots.append(b.sitofp(b.call(maddwd, [p16, ones]), _V(_f32, 8)))
-            return dots
+            xa = _load_vec(b, xrow, xoff, _V(_i8, 32), 1)
+            xb = _load_vec(b, xrow, b.add(xoff, c32), _V(_i8, 32), 1)
+            return b.add(b.call(maddubs, [lo, xa]), b.call(maddubs, [hi, xb]))  # <= 4*15*127 = 7620
 
-        def body(base):
+        def pair(blk):
+            return nibbles(_V(_i8, 32), _load_vec(b, row, b.mul(blk, c16), _V(_i8, 32), 1))
+
+        def add_pair(blk, dv_pair):  # the tail's pairs: lanes 0..3 block blk, lanes 4..7 block blk + 1
+            lo, hi = pair(blk)
+            for k in range(nt):
+                dx2 = _load_vec(b, dxrows[k], blk, _V(_f32, 2), 4)
+                sc = _strict(b.fmul(dv_pair, b.shuffle_vector(dx2, ir.Constant(dx2.type, None), pair_lanes)))
+                dot = b.sitofp(b.call(maddwd, [pair_sums(lo, hi, xrows[k], blk), ones]), _V(_f32, 8))
+                b.store(b.call(fma8, [dot, sc, b.load(accs[k])]), accs[k])
+
+        def body(base):  # 8 blocks: each token's 8 block dots in exact integers, then one fma
             _prefetch(b, row, b.mul(base, c16), _STEP * QK // 2 // 64)
             dv = _halfn_to_f32(b, drow, base, _STEP)
             mins = _halfn_to_f32(b, mrow, base, _STEP)
-            scales = []
-            for k in range(nt):
-                scales.append(_strict(b.fmul(dv, _load_vec(b, dxrows[k], base, _V(_f32, _STEP), 4))))
-                sxv = _load_vec(b, sxrows[k], base, _V(_f32, _STEP), 4)
-                b.store(b.call(fma8, [mins, sxv, b.load(macc[k])]), macc[k])
+            # vphaddw adds neighbours within each 128-bit half: pairs [0 | 1] then [01 | 23] leave every block's
+            # 32 products in two i16 lanes (<= 4 * 7620 < 2^15: exact); vpmaddwd adds those: i32 lanes = blocks
+            # 0 2 4 6 1 3 5 7, put back in order. Combined as soon as possible: fewer live registers.
+            halves = [[None, None] for _ in range(nt)]
             for p in range(_STEP // 2):
-                dots = pair_dots(b.add(base, ir.Constant(nb.type, 2 * p)))
+                blk = b.add(base, ir.Constant(nb.type, 2 * p))
+                lo, hi = pair(blk)
                 for k in range(nt):
-                    sc = b.shuffle_vector(
-                        scales[k],
-                        ir.Constant(scales[k].type, None),
-                        ir.Constant(_V(_i32, 8), [2 * p] * 4 + [2 * p + 1] * 4),
-                    )
-                    acc = accs[k][p % _NACC]
-                    b.store(b.call(fma8, [dots[k], sc, b.load(acc)]), acc)
-
-        def scalar_scales(blk):
-            dv, mv = _half_to_f32(b, drow, blk), _half_to_f32(b, mrow, blk)
-            out = []
+                    sums = pair_sums(lo, hi, xrows[k], blk)
+                    prev = halves[k][p // 2]
+                    halves[k][p // 2] = sums if prev is None else b.call(phaddw, [prev, sums])
             for k in range(nt):
-                out.append(_strict(b.fmul(dv, b.load(b.gep(dxrows[k], [blk])))))
+                h = b.call(phaddw, halves[k])
+                dots = b.shuffle_vector(
+                    b.call(maddwd, [h, ones]), ir.Constant(_V(_i32, 8), None), block_order
+                )
+                sc = _strict(b.fmul(dv, _load_vec(b, dxrows[k], base, _V(_f32, _STEP), 4)))
+                sxv = _load_vec(b, sxrows[k], base, _V(_f32, _STEP), 4)
+                acc = b.call(fma8, [mins, sxv, b.load(accs[k])])
+                b.store(b.call(fma8, [b.sitofp(dots, _V(_f32, 8)), sc, acc]), accs[k])
+
+        def add_min_tail(blk):
+            mv = _half_to_f32(b, mrow, blk)
+            for k in range(nt):
                 sxk = b.load(b.gep(sxrows[k], [blk]))
                 b.store(b.call(fma1, [mv, sxk, b.load(mtail[k])]), mtail[k])
-            return out
 
         def tail(start):
             npairs = b.udiv(b.sub(nb, start), two)
             with cgutils.for_range(b, npairs) as loop:  # remaining complete pairs
                 blk = b.add(start, b.mul(loop.index, two))
-                s0, s1 = scalar_scales(blk), scalar_scales(b.add(blk, one))
-                dots = pair_dots(blk)
-                for k in range(nt):
-                    sc = b.shuffle_vector(
-                        _splat(b, s0[k], 8), _splat(b, s1[k], 8), ir.Constant(_V(_i32, 8), [0] * 4 + [8] * 4)
-                    )
-                    b.store(b.call(fma8, [dots[k], sc, b.load(accs[k][0])]), accs[k][0])
+                add_min_tail(blk), add_min_tail(b.add(blk, one))
+                dv0, dv1 = _half_to_f32(b, drow, blk), _half_to_f32(b, drow, b.add(blk, one))
+                add_pair(
+                    blk,
+                    b.shuffle_vector(
+                        _splat(b, dv0, 8), _splat(b, dv1, 8), ir.Constant(_V(_i32, 8), [0] * 4 + [8] * 4)
+                    ),
+                )
             last = b.add(start, b.mul(npairs, two))
             with b.if_then(b.icmp_unsigned("<", last, nb)):  # an odd last block, activations in natural order
-                s = scalar_scales(last)
+                add_min_tail(last)
+                dv = _half_to_f32(b, drow, last)
                 lo, hi = nibbles(_V(_i8, 16), _load_vec(b, row, b.mul(last, c16), _V(_i8, 16), 1))
                 w = b.shuffle_vector(lo, hi, ir.Constant(_V(_i32, 32), list(range(32))))
                 for k in range(nt):
+                    s = _strict(b.fmul(dv, b.load(b.gep(dxrows[k], [last]))))
                     xv = _load_vec(b, xrows[k], b.mul(last, c32), _V(_i8, 32), 1)
                     dot = b.sitofp(b.call(maddwd, [b.call(maddubs, [w, xv]), ones]), _V(_f32, 8))
-                    b.store(b.call(fma8, [dot, _splat(b, s[k], 8), b.load(accs[k][1])]), accs[k][1])
+                    b.store(b.call(fma8, [dot, _splat(b, s, 8), b.load(accs[k])]), accs[k])
 
         _block_loop(b, nb, _STEP, body, tail)
-        return _result(context, b, sig, _with_min_term(b, accs, macc, mtail))
+        vals = [_strict(b.fadd(_hsum(b, b.load(accs[k]), 8), b.load(mtail[k]))) for k in range(nt)]
+        return _result(context, b, sig, vals)
 
     return codegen
 
@@ -430,51 +419,52 @@ def _q8m_codegen(nt):
         fma8 = _fn(b, "llvm.fma.v8f32", _V(_f32, 8), [_V(_f32, 8)] * 3)
         fma1 = _fn(b, "llvm.fma.f32", _f32, [_f32] * 3)
         zero8 = ir.Constant(_V(_f32, 8), [0.0] * 8)
-        accs = [[cgutils.alloca_once_value(b, zero8) for _ in range(_NACC)] for _ in range(nt)]
-        macc = [cgutils.alloca_once_value(b, zero8) for _ in range(nt)]  # m * sum(x), 8 blocks per lane group
+        # Two accumulators per token: at one token a row is 8 blocks of 32 bytes per step, short enough for
+        # the FMA latency of a single one to show; more would spill the 4-token dot's registers on AVX2.
+        accs = [[cgutils.alloca_once_value(b, zero8) for _ in range(2)] for _ in range(nt)]
         mtail = [cgutils.alloca_once_value(b, ir.Constant(_f32, 0.0)) for _ in range(nt)]
         c16, c32 = ir.Constant(nb.type, QK // 2), ir.Constant(nb.type, QK)
         halves = [ir.Constant(_V(_i32, 16), list(range(h, h + 16))) for h in (0, 16)]
 
-        def block_dots(blk):  # per token, <8 x float>: the integer dot of one block in 8 partial sums
+        def add_block(blk, dv_blk, j):  # dv_blk: the block's weight scale in 8 lanes; j: which accumulator
             off = b.mul(blk, c32)
             w = _load_vec(b, row, off, _V(_i8, 32), 1)
             wh = [b.zext(b.shuffle_vector(w, ir.Constant(w.type, None), h), _V(_i16, 16)) for h in halves]
-            dots = []
-            for xrow in xrows:  # u8 * i16 pairs summed: <= 2 * 255 * 32767, two of them per lane: no overflow
-                xa = _load_vec(b, xrow, off, _V(_i16, 16), 2)
-                xb = _load_vec(b, xrow, b.add(off, c16), _V(_i16, 16), 2)
-                p32 = b.add(b.call(maddwd, [wh[0], xa]), b.call(maddwd, [wh[1], xb]))
-                dots.append(b.sitofp(p32, _V(_f32, 8)))
-            return dots
+            # u8 * i16 pairs summed: <= 2 * 255 * 32767, two of them per lane: no overflow
+            for k in range(nt):
+                xa = _load_vec(b, xrows[k], off, _V(_i16, 16), 2)
+                xb = _load_vec(b, xrows[k], b.add(off, c16), _V(_i16, 16), 2)
+                dot = b.sitofp(b.add(b.call(maddwd, [wh[0], xa]), b.call(maddwd, [wh[1], xb])), _V(_f32, 8))
+                sc = dv_blk[k]
+                b.store(b.call(fma8, [dot, sc, b.load(accs[k][j])]), accs[k][j])
 
         def body(base):
             _prefetch(b, row, b.mul(base, c32), _STEP * QK // 64)
             dv = _halfn_to_f32(b, drow, base, _STEP)
             mins = _halfn_to_f32(b, mrow, base, _STEP)
-            scales = []
             for k in range(nt):
-                scales.append(_strict(b.fmul(dv, _load_vec(b, dxrows[k], base, _V(_f32, _STEP), 4))))
                 sxv = _load_vec(b, sxrows[k], base, _V(_f32, _STEP), 4)
-                b.store(b.call(fma8, [mins, sxv, b.load(macc[k])]), macc[k])
+                b.store(b.call(fma8, [mins, sxv, b.load(accs[k][0])]), accs[k][0])
+            scales = [_strict(b.fmul(dv, _load_vec(b, dxr, base, _V(_f32, _STEP), 4))) for dxr in dxrows]
             for u in range(_STEP):
-                dots = block_dots(b.add(base, ir.Constant(nb.type, u)))
-                for k in range(nt):
-                    acc = accs[k][u % _NACC]
-                    b.store(b.call(fma8, [dots[k], _lane(b, scales[k], u), b.load(acc)]), acc)
+                add_block(b.add(base, ir.Constant(nb.type, u)), [_lane(b, sck, u) for sck in scales], u % 2)
 
         def tail(start):
             with cgutils.for_range_slice(b, start, nb, ir.Constant(nb.type, 1)) as (blk, _):
                 dv, mv = _half_to_f32(b, drow, blk), _half_to_f32(b, mrow, blk)
-                dots = block_dots(blk)
+                add_block(
+                    blk, [_splat(b, _strict(b.fmul(dv, b.load(b.gep(dxr, [blk])))), 8) for dxr in dxrows], 0
+                )
                 for k in range(nt):
-                    s = _strict(b.fmul(dv, b.load(b.gep(dxrows[k], [blk]))))
-                    b.store(b.call(fma8, [dots[k], _splat(b, s, 8), b.load(accs[k][0])]), accs[k][0])
                     sxk = b.load(b.gep(sxrows[k], [blk]))
                     b.store(b.call(fma1, [mv, sxk, b.load(mtail[k])]), mtail[k])
 
         _block_loop(b, nb, _STEP, body, tail)
-        return _result(context, b, sig, _with_min_term(b, accs, macc, mtail))
+        vals = []
+        for acc, m_tail in zip(accs, mtail, strict=True):
+            v = _strict(b.fadd(b.load(acc[0]), b.load(acc[1])))
+            vals.append(_strict(b.fadd(_hsum(b, v, 8), b.load(m_tail))))
+        return _result(context, b, sig, vals)
 
     return codegen
 
