@@ -75,6 +75,11 @@ class KVCache:
         """qkv rows in the cache's dtype, for cache_write (float16 rounds to nearest even, as NumPy does)."""
         return qkv if self.dtype == "f32" else qkv.astype(np.float16).view(np.uint16)
 
+    def copy_positions(self, src_block: int, dst_block: int, n: int) -> None:
+        """Copy the keys and values of the first n positions of one block into another, in every layer."""
+        for cache in (*self.k, *self.v):
+            cache[dst_block, :n] = cache[src_block, :n]
+
     @property
     def bytes_per_token(self) -> int:
         return 2 * len(self.k) * self.k[0][0, 0].nbytes

@@ -416,16 +416,44 @@ class Engine:
             seq = self._waiting[0]
             need = len(seq.prompt_ids) + (0 if seq.sampler is None else seq.params.max_new_tokens)
             keys = block_keys(seq.prompt_ids[:-1], pool.block_size)
-            seq.blocks = [] if seq.score_from else pool.match(keys)  # scoring needs every position's logits
+            seq.blocks = [] if seq.score_from else pool.match(keys)
+            seq.keys = keys[: len(seq.blocks)]
+            seq.num_cached = len(seq.blocks) * pool.block_size
+            donor, reuse = (None, 0) if seq.score_from else self._match_partial(seq)
+            if donor is not None and pool.blocks_for(need) - len(seq.blocks) > pool.free_blocks:
+                pool.release([donor])  # the cache is short: the donor's block may be needed itself
+                donor, reuse = None, 0
             if pool.blocks_for(need) - len(seq.blocks) > pool.free_blocks:
                 pool.release(seq.blocks)
                 return
-            seq.keys = keys[: len(seq.blocks)]
-            seq.num_cached = seq.cached_prompt_tokens = len(seq.blocks) * pool.block_size
             pool.grow(seq.blocks, need)
+            if donor is not None:  # the start of the next block: copied from a released partial block
+                self.cache.copy_positions(donor, seq.blocks[len(seq.keys)], reuse)
+                pool.release([donor])
+                seq.num_cached += reuse
+            seq.cached_prompt_tokens = seq.num_cached
             self.prefix_hit_tokens += seq.cached_prompt_tokens
             self._running.append(self._waiting.popleft())
             self._unqueue(seq)
+
+    def _match_partial(self, seq: Sequence) -> tuple[int | None, int]:
+        """A released partial block holding the prompt's next tokens after its cached full blocks (never its
+        last token, which is computed for its logits), and how many of them it holds."""
+        start = seq.num_cached
+        parent = seq.keys[-1] if seq.keys else b""
+        return self.blocks.match_partial(parent, seq.prompt_ids[start : len(seq.prompt_ids) - 1])
+
+    def _partial_tail(self, seq: Sequence) -> tuple[int, bytes, tuple[int, ...]] | None:
+        """The last block holding prompt tokens, with those computed in it (for release()): a next prompt that
+        starts the same way reuses them, whatever followed (generated tokens, or a token it changed)."""
+        computed = min(seq.num_cached, len(seq.prompt_ids))
+        if computed == 0:
+            return None
+        index = (computed - 1) // self.blocks.block_size  # the last block that holds prompt tokens
+        if index > len(seq.keys) or index >= len(seq.blocks):
+            return None  # its predecessors are not registered (it cannot be found)
+        parent = seq.keys[index - 1] if index else b""
+        return seq.blocks[index], parent, tuple(seq.prompt_ids[index * self.blocks.block_size : computed])
 
     def _register_full_blocks(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed blocks to the prefix cache."""
@@ -444,7 +472,7 @@ class Engine:
             log_softmax(logprobs, logits[None, :])
             top = top_n_probs(logits, seq.params.top_n)
             seq.finished = True
-            self.blocks.release(seq.blocks)
+            self.blocks.release(seq.blocks, self._partial_tail(seq))
             self._last_output(seq, Distribution(top, logprobs[0], len(seq.prompt_ids)))
             return
         token = seq.sampler.sample(logits)
@@ -509,7 +537,7 @@ class Engine:
         seq.finished = True
         self.finishes[reason] += 1
         self._unqueue(seq)
-        self.blocks.release(seq.blocks)
+        self.blocks.release(seq.blocks, self._partial_tail(seq))
         if seq in self._waiting:
             self._waiting.remove(seq)
         if seq in self._running and token is None:

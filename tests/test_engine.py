@@ -208,8 +208,8 @@ def test_prefix_cache_reuses_blocks_and_changes_no_result(engine, folder):
     params = greedy(max_new_tokens=8, ignore_eos=True, top_n=3)
     first = run(engine, long_prompt, params)
     again = run(engine, long_prompt, params)
-    block = engine.blocks.block_size
-    assert again[-1].finish.cached_prompt_tokens == (len(long_prompt) - 1) // block * block > 0
+    # every prompt token but the last: full blocks shared, the last one's prompt part copied
+    assert again[-1].finish.cached_prompt_tokens == len(long_prompt) - 1
     extended = long_prompt + [s.token.token_id for s in first[:3]]
     cont = run(engine, extended, params)  # its prompt reaches into the first request's generated blocks
     assert cont[-1].finish.cached_prompt_tokens > again[-1].finish.cached_prompt_tokens
@@ -220,6 +220,34 @@ def test_prefix_cache_reuses_blocks_and_changes_no_result(engine, folder):
         assert [s.token.token_id for s in steps] == [s.token.token_id for s in expect]
         for a, b in zip(steps, expect, strict=True):
             assert a.token.prob == pytest.approx(b.token.prob, abs=1e-5)
+
+
+def test_a_prompt_that_extends_a_released_one_computes_only_its_new_tokens(engine, folder):
+    """An editor's keystroke: the same prompt plus a token, after the first request was cancelled mid-way.
+    The part of the last block the first prompt filled is copied, not computed; results are unchanged."""
+    prompt = engine.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n")
+    block = engine.blocks.block_size
+    prompt = prompt[: len(prompt) - len(prompt) % block + 2]  # ends 2 tokens into a block
+    params = greedy(max_new_tokens=3, ignore_eos=True, top_n=3)
+    first = []
+    seq = engine.submit(prompt, greedy(max_new_tokens=50, ignore_eos=True), first.append)
+    while not first:
+        engine.step()
+    engine.cancel(seq)
+    while engine.has_work():
+        engine.step()
+    for typed in ([prompt[-1]], [prompt[-1], prompt[-2]]):
+        longer = prompt + typed
+        steps = run(engine, longer, params)
+        assert steps[-1].finish.cached_prompt_tokens == len(longer) - 1
+        fresh = Engine.load(folder, kv_cache_tokens=1024, block_size=block, max_top_n=8)
+        expect = run(fresh, longer, params)
+        assert [s.token.token_id for s in steps] == [s.token.token_id for s in expect]
+        for a, b in zip(steps, expect, strict=True):
+            assert a.token.prob == pytest.approx(b.token.prob, abs=1e-5)
+    changed = prompt[:-1] + [prompt[-2], prompt[-1]]  # its last block's second token differs
+    steps = run(engine, changed, params)
+    assert steps[-1].finish.cached_prompt_tokens == len(prompt) - 1  # up to the changed token
 
 
 def test_queue_bound(folder):

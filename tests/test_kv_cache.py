@@ -48,3 +48,23 @@ def test_prefix_is_shared_then_cached_then_evicted_oldest_first():
     pool.grow([], 6)  # 3 blocks: the 2 never-cached ones, then the least recently used cached one
     assert pool.cached_blocks == 1
     assert pool.match(keys) == held[:1]  # the recently used block survived, its successor was evicted
+
+
+def test_a_released_partial_block_is_found_by_its_tokens_until_its_slot_is_needed():
+    pool = BlockPool(3, 4)
+    keys = block_keys([1, 2, 3, 4], 4)
+    blocks = []
+    pool.grow(blocks, 7)
+    pool.register(blocks, keys, 0)
+    held = list(blocks)
+    pool.release(blocks, (held[1], keys[0], (5, 6, 7)))  # block 1 holds tokens 5, 6, 7 after block 0
+    assert pool.free_blocks == 3
+
+    assert pool.match_partial(keys[0], [5, 6, 9]) == (held[1], 2)  # the longest common start
+    assert pool.free_blocks == 2  # taken while the caller copies
+    pool.release([held[1]])
+    assert pool.match_partial(b"other parent", [5, 6, 7]) == (None, 0)
+    assert pool.match_partial(keys[0], [8]) == (None, 0)
+
+    pool.grow([], 12)  # every slot is needed: the cached blocks are reused and forgotten
+    assert pool.match_partial(keys[0], [5, 6, 7]) == (None, 0) and pool.cached_blocks == 0
