@@ -294,6 +294,10 @@ class NextwordServer:
         until = loop.time() + (self.config.grace_s if grace_s is None else grace_s)
         await self.health.enter_graceful_shutdown()
         self.service.drain()  # both front ends: the draining flag is the Frontend's
+        # Clients that watch health (round_robin with health checks) take a moment to move away; meanwhile
+        # their calls still come here, are refused UNAVAILABLE and retried elsewhere. Stopping the server in
+        # that moment instead cancelled calls it had just received (CANCELLED, which nobody retries).
+        await asyncio.sleep(min(DRAIN_NOTICE_S, max(until - loop.time(), 0.0)))
         if self.loading and not self.loading.done():
             self.loading.cancel()
         runner = self.runner
@@ -321,6 +325,7 @@ def _default_model() -> Path:
 
 
 DRAIN_POLL_S = 0.05
+DRAIN_NOTICE_S = 0.5  # refusing new calls before stopping, while clients see NOT_SERVING
 CANCEL_WAIT_S = 5.0  # cancelled sequences leave at the next engine step: one step, well under this
 FINAL_EVENTS_S = 1.0  # for handlers to send the final events of their finished sequences
 
