@@ -3,8 +3,8 @@
 The projections arrive fused: each token's row of `qkv` is [q heads | k heads | v heads], each head Dh wide.
 The KV cache of one layer is a pool of blocks, `k_cache[block, slot_in_block, kv_head, :]`; a sequence owns a
 list of blocks (its row of `block_tables`), so sequences grow without copying and share nothing by accident.
-The cache holds float32 or float16 bits (uint16: half of what long-context attention reads; converted to float32
-as they are read, by F16C on the AVX2 path), written by `cache_write` from rows already in its dtype.
+The cache holds float32 or float16 bits (uint16: half of what long-context attention reads; converted by F16C
+on the AVX2 path, as they are written by `cache_write` and read by attention).
 Order within a layer: `rope_qk` -> `cache_write` (the new tokens' k/v land in their slots) -> `paged_attention`
 (each new token attends to every cached position of its sequence up to its own).
 """
@@ -45,9 +45,10 @@ def rope_qk(qkv, positions, cos, sin, n_heads, n_kv_heads, head_dim):
 
 @njit(cache=True, nogil=True)
 def cache_write(k_cache, v_cache, qkv, slots, n_heads, n_kv_heads, head_dim):
-    """Copy each token's k and v heads into its cache slot (slot = block * block_size + offset).
+    """Copy each token's k and v heads into its cache slot (slot = block * block_size + offset), in the cache's
+    dtype (float16 rounded to nearest even, as NumPy's astype).
 
-    k_cache, v_cache: [NB, BS, Hkv, Dh]; qkv: [T, (H + 2 Hkv) * Dh]; slots: [T] int64
+    k_cache, v_cache: [NB, BS, Hkv, Dh] float32 or uint16; qkv: [T, (H + 2 Hkv) * Dh] float32; slots: [T] int64
     """
     block_size = k_cache.shape[1]
     k0 = n_heads * head_dim
@@ -56,8 +57,8 @@ def cache_write(k_cache, v_cache, qkv, slots, n_heads, n_kv_heads, head_dim):
         b, o = slots[t] // block_size, slots[t] % block_size
         for g in range(n_kv_heads):
             for i in range(head_dim):
-                k_cache[b, o, g, i] = qkv[t, k0 + g * head_dim + i]
-                v_cache[b, o, g, i] = qkv[t, v0 + g * head_dim + i]
+                k_cache[b, o, g, i] = _entry(qkv[t, k0 + g * head_dim + i], k_cache)
+                v_cache[b, o, g, i] = _entry(qkv[t, v0 + g * head_dim + i], v_cache)
 
 
 @intrinsic
@@ -86,6 +87,65 @@ def fast_exp(x):
     p = p * r + np.float32(5.0000001201e-1)
     scale = _bits_to_f32(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
     return (p * r * r + r + np.float32(1.0)) * scale
+
+
+def _entry(x, cache):
+    """The float32 x as `cache` holds it: float32, or float16 bits (uint16)."""
+
+
+@overload(_entry, inline="always")
+def _entry_overload(x, cache):
+    if cache.dtype == types.float32:
+        return lambda x, cache: x
+    if cache.dtype == types.uint16:
+        return (lambda x, cache: _f32_to_f16_bits(x)) if HAVE_F16C else (lambda x, cache: f32_to_f16_bits(x))
+    raise TypingError(f"a KV cache holds float32 or float16 bits (uint16), not {cache.dtype}")
+
+
+@intrinsic
+def _f32_to_f16_bits(typingctx, x):
+    """float32 -> fp16 bits by LLVM fptrunc (vcvtps2ph with F16C, round to nearest even; vectorizes)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _f32_to_bits(typingctx, x):
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def f32_to_f16_bits(x):
+    """float32 -> fp16 bits with integer ops, rounding to nearest even (no F16C: LLVM's fptrunc would call a
+    runtime function). NaN stays NaN, with the top of its payload."""
+    u = _f32_to_bits(x)
+    sign = np.uint16((u >> np.uint32(16)) & np.uint32(0x8000))
+    a = u & np.uint32(0x7FFFFFFF)
+    if a > np.uint32(0x7F800000):  # NaN
+        return sign | np.uint16(0x7E00) | np.uint16((a >> np.uint32(13)) & np.uint32(0x3FF))
+    if a >= np.uint32(0x477FF000):  # 65520 and up round to infinity
+        return sign | np.uint16(0x7C00)
+    if a >= np.uint32(0x38800000):  # a normal half: rebias the exponent, round off 13 mantissa bits
+        h = (a - np.uint32(0x38000000)) >> np.uint32(13)
+        rest = a & np.uint32(0x1FFF)
+        if rest > np.uint32(0x1000) or (rest == np.uint32(0x1000) and h & np.uint32(1)):
+            h += np.uint32(1)  # a carry into the exponent is right, up to infinity
+        return sign | np.uint16(h)
+    if a < np.uint32(0x33000000):  # below 2**-25 (or exactly it: a tie, to even 0)
+        return sign
+    shift = np.uint32(126) - (a >> np.uint32(23))  # a subnormal half: units of 2**-24
+    m = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
+    h = m >> shift
+    rest, half = m & ((np.uint32(1) << shift) - np.uint32(1)), np.uint32(1) << (shift - np.uint32(1))
+    if rest > half or (rest == half and h & np.uint32(1)):
+        h += np.uint32(1)
+    return sign | np.uint16(h)
 
 
 def _kv(x):

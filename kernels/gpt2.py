@@ -32,7 +32,7 @@ def forward(model, cache, batch):
         layernorm(h, x, layer.ln1_weight, layer.ln1_bias, eps)
         linear(qkv, h, layer.qkv, d)
         add_bias(qkv, layer.qkv_bias)
-        cache_write(cache.k[i], cache.v[i], cache.entries(qkv, H * Dh), batch.slots, H, H, Dh)
+        cache_write(cache.k[i], cache.v[i], qkv, batch.slots, H, H, Dh)
         paged_attention(
             att,
             qkv,

@@ -34,7 +34,7 @@ def forward(model, cache, batch):
         if layer.qkv_bias is not None:
             add_bias(qkv, layer.qkv_bias)
         rope_qk(qkv, batch.positions, model.rope_cos, model.rope_sin, H, Hkv, Dh)
-        cache_write(cache.k[i], cache.v[i], cache.entries(qkv, H * Dh), batch.slots, H, Hkv, Dh)
+        cache_write(cache.k[i], cache.v[i], qkv, batch.slots, H, Hkv, Dh)
         paged_attention(
             att,
             qkv,

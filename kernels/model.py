@@ -71,16 +71,6 @@ class KVCache:
         self.v = [_lazy_zeros(shape, KV_DTYPES[dtype]) for _ in range(num_layers)]
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
 
-    def entries(self, qkv: np.ndarray, first: int) -> np.ndarray:
-        """qkv rows in the cache's dtype for cache_write, which reads only columns first.. (the k and v heads):
-        only those are converted (float16 rounds to nearest even, as NumPy does). A plain astype of the whole
-        rows cost 23 us a layer for one token, a tenth of a decode step."""
-        if self.dtype == "f32":
-            return qkv
-        rows = np.empty(qkv.shape, np.float16)
-        np.copyto(rows[:, first:], qkv[:, first:], casting="same_kind")
-        return rows.view(np.uint16)
-
     def copy_positions(self, src_block: int, dst_block: int, n: int) -> None:
         """Copy the keys and values of the first n positions of one block into another, in every layer."""
         for cache in (*self.k, *self.v):

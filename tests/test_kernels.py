@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import reference as ref
 
-from nextword.kernels.attention import cache_write, paged_attention, rope_qk
+from nextword.kernels.attention import cache_write, f32_to_f16_bits, paged_attention, rope_qk
 from nextword.kernels.elementwise import add, add_bias, add_embedding, embedding, gelu_tanh, swiglu
 from nextword.kernels.matmul import linear, matmul_f32
 from nextword.kernels.model import KV_DTYPES
@@ -139,7 +139,6 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk, kv_dtype):
     path, the decode tokens through the direct one. Then every token again alone, in its role: bit for bit
     the same (a token's result never depends on its batch or tile). With an f16 cache, the reference attends to
     the keys and values rounded to float16 (what the cache holds)."""
-    stored = (lambda a: a) if kv_dtype == "f32" else (lambda a: a.astype(np.float16).view(np.uint16))
     held = (lambda a: a) if kv_dtype == "f32" else (lambda a: a.astype(np.float16).astype(np.float64))
     rng = np.random.default_rng(H + Dh + block_size)
     lengths = [23, 1, 41]  # total positions per sequence after this step
@@ -163,7 +162,7 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk, kv_dtype):
     for s, n in enumerate(lengths):
         p = np.arange(n - new[s])
         slots = block_tables[s, p // block_size].astype(np.int64) * block_size + p % block_size
-        cache_write(k_cache, v_cache, stored(np.ascontiguousarray(full[s][: n - new[s]])), slots, H, Hkv, Dh)
+        cache_write(k_cache, v_cache, np.ascontiguousarray(full[s][: n - new[s]]), slots, H, Hkv, Dh)
 
     qkv = np.concatenate([full[s][lengths[s] - new[s] :] for s in range(3)])
     positions = np.concatenate([np.arange(n - k, n) for n, k in zip(lengths, new, strict=False)]).astype(
@@ -174,7 +173,7 @@ def test_paged_attention_ragged_batch(H, Hkv, Dh, block_size, chunk, kv_dtype):
         block_tables[token_seq, positions // block_size].astype(np.int64) * block_size
         + positions % block_size
     )
-    cache_write(k_cache, v_cache, stored(qkv), slots, H, Hkv, Dh)
+    cache_write(k_cache, v_cache, qkv, slots, H, Hkv, Dh)
     out = np.full((len(qkv), H * Dh), np.nan, dtype=np.float32)
     scale = np.float32(1 / np.sqrt(Dh))
     # the prompt tokens (sequence 0) come after the two decode tokens, as the engine orders a batch
@@ -229,3 +228,41 @@ def test_a_tokens_result_does_not_depend_on_its_batch(fmt):
             rows = np.ascontiguousarray(x[start:stop])
             linear(part, rows, w, max(0, min(decode_rows, stop) - start))
             np.testing.assert_array_equal(part, full[start:stop])
+
+
+def float16_edge_values() -> np.ndarray:
+    """float32 values around every float16 (each one, the midpoints to its neighbours and one float32 step to
+    either side of them), the overflow threshold, signed zeros, infinities, NaN, and random values."""
+    halves = np.arange(0x10000, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = np.sort(halves[np.isfinite(halves)].astype(np.float32))
+    mids = (finite[:-1].astype(np.float64) + finite[1:]) / 2  # exactly representable in float32
+    values = [
+        finite,
+        mids.astype(np.float32),
+        np.float32([65504, 65519.996, 65520, 65536, 1e30, 3e-8, 2.0**-25]),
+    ]
+    for v in list(values):
+        values += [np.nextafter(v, np.float32(np.inf)), np.nextafter(v, np.float32(-np.inf))]
+    random = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * np.float32(1e3)
+    specials = np.float32([0.0, -0.0, np.inf, -np.inf, np.nan])
+    return np.concatenate([*values, -np.concatenate(values), random, specials])
+
+
+def test_f32_to_f16_rounds_as_numpy():
+    """Both conversions into a float16 KV cache (F16C's, through cache_write, and the portable one) give
+    NumPy's astype(float16) bit for bit: round to nearest even, subnormals, overflow; NaN stays NaN."""
+    x = float16_edge_values()
+    with np.errstate(over="ignore"):  # the values past float16's range: inf, as expected
+        expect = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    portable = np.array([f32_to_f16_bits(v) for v in x], dtype=np.uint16)
+    assert np.array_equal(portable[~nan], expect[~nan])
+    assert np.isnan(portable[nan].view(np.float16)).all()
+
+    k_cache = np.zeros((1, len(x), 1, 1), np.uint16)  # one head of width 1: the keys are x, the values -x
+    v_cache = np.zeros_like(k_cache)
+    cache_write(k_cache, v_cache, np.stack([x, -x], axis=1), np.arange(len(x)), 0, 1, 1)
+    for cache, want in ((k_cache, expect), (v_cache, expect ^ np.uint16(0x8000))):
+        got = cache.reshape(-1)
+        assert np.array_equal(got[~nan], want[~nan])
+        assert np.isnan(got[nan].view(np.float16)).all()
