@@ -91,6 +91,14 @@ class StepGate:
         self._permits.release(1_000_000)  # whoever is waiting in _gated
 
 
+def serve_argv(model: Path | None, *flags: str, weights: str | None = "f32") -> list[str]:
+    """The command line of a `nextword serve` child process: `model` None serves the default model, `weights`
+    None its default format."""
+    cmd = [sys.executable, "-m", "nextword.client.cli", "serve"]
+    cmd += ["--model", str(model)] if model else []
+    return cmd + (["--weights", weights] if weights else []) + list(flags)
+
+
 class ServeProcess:
     """`nextword serve` as a child process on a free loopback port: a replica that a test can drain
     (SIGTERM), freeze (SIGSTOP) or kill (SIGKILL). Its output is collected by a thread (`lines`).
@@ -107,10 +115,9 @@ class ServeProcess:
 
     def start(self) -> None:
         self.lines: list[str] = []
-        model = ["--model", str(self.model)] if self.model else []
+        flags = ["--port", "0", "--metrics-port", "-1", "--replica-name", self.name, *self.flags]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nextword.client.cli", "serve", *model, "--weights", self.weights]
-            + ["--port", "0", "--metrics-port", "-1", "--replica-name", self.name, *self.flags],
+            serve_argv(self.model, *flags, weights=self.weights),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from servers import free_port, serve_argv
 
 from nextword.client import Client
 from nextword.client.suggest import Context, PromptFormat, Settings, is_block_start, shape
@@ -397,15 +397,8 @@ def test_context_is_cut_at_a_line_boundary_within_the_token_budget(smollm2_serve
 # ---- a server that goes away and comes back ----
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_serve(model: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nextword.client.cli", "serve", "--model", str(model), "--weights", "f32"]
-    cmd += ["--port", str(port), "--metrics-port", "-1", "--grace", "0"]
+    cmd = serve_argv(model, "--port", str(port), "--metrics-port", "-1", "--grace", "0")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with Client(f"127.0.0.1:{port}") as client:
         client.wait_until_ready(timeout=300)

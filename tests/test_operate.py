@@ -14,7 +14,7 @@ import venv
 from pathlib import Path
 
 import pytest
-from servers import running_server
+from servers import running_server, serve_argv
 from tiny_models import SPECIAL_TOKENS
 
 from nextword.client import AsyncClient, Client
@@ -134,17 +134,7 @@ def test_unusable_certificate_is_one_line_naming_the_flag(tmp_path, tiny_folder)
 
 def test_public_bind_without_tls_and_token_warns(tiny_folder):
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nextword.client.cli",
-            "serve",
-            "--model",
-            str(tiny_folder),
-            "--weights",
-            "f32",
-        ]
-        + ["--host", "0.0.0.0", "--port", "0", "--metrics-port", "-1"],
+        serve_argv(tiny_folder, "--host", "0.0.0.0", "--port", "0", "--metrics-port", "-1"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from servers import StepGate, running_server, wait_idle
+from servers import StepGate, running_server, serve_argv, wait_idle
 
 from nextword.client import Client, DeadlineExceeded, InvalidArgument, NextwordError
 from nextword.client.cli import main as cli_main
@@ -214,18 +214,7 @@ def test_serve_command_health_and_graceful_shutdown(smollm2_folder):
     """`nextword serve`: NOT_SERVING until loaded and warm, then SERVING and one ready line; SIGTERM drains an
     in-flight stream and exits 0."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "nextword.client.cli",
-            "serve",
-            "--model",
-            str(smollm2_folder),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-        ],
+        serve_argv(smollm2_folder, "--port", "0", "--metrics-port", "0", weights=None),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -8,12 +8,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import running_server
+from servers import running_server, serve_argv
 
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc
@@ -67,17 +66,9 @@ def test_a_second_sigint_during_a_drain_exits_at_once(tiny_folder):
     """A real `nextword serve`: the first SIGINT starts a drain that waits for an in-flight stream (nobody
     reads it, so it is paused, and the grace is long); a second SIGINT ends the process at once with status 1
     instead of the drain's 0."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "nextword.client.cli",
-        "serve",
-        "--model",
-        str(tiny_folder),
-        "--weights",
-        "f32",
-    ]
-    cmd += ["--port", "0", "--metrics-port", "-1", "--grace", "600", "--kv-cache-tokens", "1024"]
+    cmd = serve_argv(
+        tiny_folder, "--port", "0", "--metrics-port", "-1", "--grace", "600", "--kv-cache-tokens", "1024"
+    )
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
