@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from launch import start_serve
 
 from nextword.client.suggest import Settings
 
@@ -46,17 +47,9 @@ LOG_LINE = re.compile(
 
 
 def start_server(log_path: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "nextword.client.cli", "serve", "--port", "0", "--metrics-port", "-1"]
     log = open(log_path, "w")  # noqa: SIM115 (the server's lifetime)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
-    )
-    for line in proc.stdout:
-        if m := re.search(r"listening on ([\d.]+:\d+)", line):
-            target = m.group(1)
-        if "ready in" in line:
-            return proc, target
-    raise RuntimeError(f"the server did not start (see {log_path})")
+    proc, found = start_serve("--metrics-port", "-1", stderr=log)
+    return proc, found["grpc"]
 
 
 @dataclass

@@ -15,14 +15,14 @@ the servers. Run it alone on the machine.
 import argparse
 import asyncio
 import os
-import re
 import signal
 import statistics
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from launch import start_serve
 
 from nextword.client.load import LoadConfig, run_load
 
@@ -33,19 +33,9 @@ GGUF = PEERS / "model" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def start_nextword() -> tuple[subprocess.Popen, str, str]:
     """`nextword serve` on free ports; (process, gRPC target, HTTP target) once it is ready."""
-    cmd = [sys.executable, "-m", "nextword.client.cli", "serve", "--port", "0", "--http-port", "0"]
-    cmd += ["--metrics-port", "-1", "--max-queue", "1024", "--log-level", "WARNING"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
-    )
-    for line in proc.stdout:
-        if m := re.search(r"listening on ([\d.]+:\d+)", line):
-            grpc_target = m.group(1)
-        if m := re.search(r"HTTP on http://([\d.]+:\d+)", line):
-            http_target = m.group(1)
-        if "ready in" in line:
-            return proc, grpc_target, http_target
-    raise RuntimeError("nextword serve did not start")
+    flags = ["--http-port", "0", "--metrics-port", "-1", "--max-queue", "1024", "--log-level", "WARNING"]
+    proc, found = start_serve(*flags)
+    return proc, found["grpc"], found["http"]
 
 
 def start_llama_server(binary: Path, gguf: Path, concurrency: int, port: int = 18779) -> subprocess.Popen:

@@ -11,32 +11,21 @@ first 500 tokens with it. And the editor typist scenario. Run it alone on the ma
 
 import argparse
 import asyncio
-import os
-import re
 import subprocess
 import sys
 import time
+
+from launch import start_serve
 
 from nextword.client import Client
 from nextword.client.load import LoadConfig, run_load
 
 
 def start_server(weights: str, metrics: bool = False) -> tuple[subprocess.Popen, str, str | None]:
-    """A `nextword serve` on free ports; returns (process, gRPC target, metrics URL or None) once it is ready."""
-    cmd = [sys.executable, "-m", "nextword.client.cli", "serve", "--port", "0", "--weights", weights]
-    cmd += ["--metrics-port", "0" if metrics else "-1", "--max-queue", "1024", "--log-level", "WARNING"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
-    )
-    metrics_url = None
-    for line in proc.stdout:
-        if m := re.search(r"listening on ([\d.]+:\d+)", line):
-            target = m.group(1)
-        if m := re.search(r"metrics on (\S+/metrics)", line):
-            metrics_url = m.group(1)
-        if "ready in" in line:
-            return proc, target, metrics_url
-    raise RuntimeError("the server did not start")
+    """A `nextword serve`; returns (process, gRPC target, metrics URL or None) once it is ready."""
+    flags = ["--weights", weights, "--metrics-port", "0" if metrics else "-1", "--max-queue", "1024"]
+    proc, found = start_serve(*flags, "--log-level", "WARNING")
+    return proc, found["grpc"], found.get("metrics")
 
 
 def main() -> None:
