@@ -21,6 +21,7 @@ from concurrent.futures import Future
 
 from nextword.server.engine import Engine
 from nextword.server.memory import release_freed_memory
+from nextword.server.threads import KernelThreads
 
 log = logging.getLogger("nextword.engine")
 
@@ -30,9 +31,10 @@ RELEASE_EVERY_S = 10.0
 
 
 class EngineThread:
-    def __init__(self, engine: Engine, on_step=None):
+    def __init__(self, engine: Engine, on_step=None, kernel_threads: KernelThreads | None = None):
         self.engine = engine
         self._on_step = on_step  # called after every step, on this thread (metrics)
+        self.kernel_threads = kernel_threads or KernelThreads()  # fewer when other processes take cores
         self._wake = threading.Event()
         self._stopping = False
         self._calls: queue.SimpleQueue[tuple[Callable, Future]] = queue.SimpleQueue()
@@ -109,6 +111,7 @@ class EngineThread:
             if self.engine.clock() - released_at >= RELEASE_EVERY_S:  # busy for long: don't wait for idle
                 release_freed_memory()
                 released_at = self.engine.clock()
+            self.kernel_threads.update()
             try:
                 if self.engine.step() == 0:  # only waiting requests, none admissible yet: don't spin
                     self._wake.wait(0.005)

@@ -50,11 +50,16 @@ class Metrics:
             "nextword_weights_bytes", "Bytes of the served weights, as stored", registry=r
         )
         self.kv_resident = Gauge("nextword_kv_cache_resident_bytes", "Bytes of the KV cache in memory (pages written so far)", registry=r)  # fmt: skip
+        self.kernel_threads = Gauge("nextword_kernel_threads", "Threads the kernels run on: fewer while other processes keep cores busy", registry=r)  # fmt: skip
 
     def watch_memory(self, engine) -> None:
         """Once the model is loaded."""
         self.weights_bytes.set(engine.model.checkpoint.nbytes)
         self.kv_resident.set_function(lambda: resident_bytes(engine.cache.k + engine.cache.v))
+
+    def watch_threads(self, kernel_threads) -> None:
+        """Once the engine thread exists (server.threads.KernelThreads)."""
+        self.kernel_threads.set_function(lambda: kernel_threads.threads)
 
     async def serve(self, port: int, host: str = "127.0.0.1", idle_timeout_s: float = IDLE_TIMEOUT_S) -> int:
         """Expose /metrics over HTTP on the running event loop; returns the port."""

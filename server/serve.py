@@ -249,6 +249,7 @@ class NextwordServer:
         engine = await asyncio.to_thread(self._load_engine)  # no kernel runs here: see _warm
         self.metrics.watch_memory(engine)
         runner = EngineThread(engine, on_step=self.metrics.observe_step)
+        self.metrics.watch_threads(runner.kernel_threads)
         runner.start()
         await asyncio.wrap_future(runner.call(lambda: _warm(engine)))
         self.runner = self.frontend.runner = runner

@@ -224,3 +224,4 @@ def test_memory_metrics(tiny_folder):
     assert kv_after >= kv_before + 8 * 100 * engine.cache.bytes_per_token / 2  # the positions written
     assert kv_after < engine.cache.bytes_per_token * 16384 / 4  # reserved for 16384 positions, not resident
     assert after["process_resident_memory_bytes"] > after["nextword_weights_bytes"] + kv_after
+    assert after["nextword_kernel_threads"] == srv.runner.kernel_threads.threads >= 1
