@@ -173,6 +173,7 @@ def run_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        from nextword.kernels.cache_loading import lean_cache_loads
         from nextword.server.memory import use_server_malloc_policy
         from nextword.server.serve import ServerConfig, StartupError, serve
     except ModuleNotFoundError as e:
@@ -207,6 +208,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         print("nextword: " + config.describe(), flush=True)
         use_server_malloc_policy()  # before the server's threads exist
+        lean_cache_loads()
         return asyncio.run(serve(config))
     except (StartupError, ValueError) as e:
         logging.getLogger("nextword.serve").debug("start-up failed", exc_info=True)
