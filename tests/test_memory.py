@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from nextword.kernels.elementwise import add
+from nextword.kernels.matmul import matmul_f32
 from nextword.server.tokenizer import Tokenizer
 
-# A fresh process (its modules are what is checked): a server's imports; then a kernel loaded from Numba's
-# cache; then a function compiled from scratch, which needs the registries a cache load skips.
+# A fresh process (its modules are what is checked): a server's imports; then two kernels loaded from Numba's
+# cache (one parallel: OpenMP); then a function compiled from scratch, which needs the registries a cache
+# load skips.
 PROBE = """
 import json, sys
 import numpy as np
@@ -23,9 +25,13 @@ if sys.argv[1] == "lean":
     lean_cache_loads()
 from numba import njit
 from nextword.kernels.elementwise import add
+from nextword.kernels.matmul import matmul_f32
 x, y = np.arange(12, dtype=np.float32).reshape(3, 4), np.full((3, 4), 0.5, np.float32)
 add(x, y)
-report |= {"sum": x.tolist(), "cache_hits": sum(add.stats.cache_hits.values())}
+out = np.zeros((3, 3), np.float32)
+matmul_f32(out, x, x)
+hits = sum(add.stats.cache_hits.values()) + sum(matmul_f32.stats.cache_hits.values())
+report |= {"sum": x.tolist(), "matmul": out.tolist(), "cache_hits": hits}
 report["registries"] = "numba.np.arraymath" in sys.modules
 
 @njit
@@ -39,7 +45,8 @@ print(json.dumps(report))
 
 def probe(mode: str) -> dict:
     x = np.zeros((3, 4), np.float32)
-    add(x, x)  # compiled (and cached) for this signature, if no earlier run did it
+    add(x, x)  # compiled (and cached) for these signatures, if no earlier run did it
+    matmul_f32(np.zeros((3, 3), np.float32), x, x)
     cmd = [sys.executable, "-c", PROBE, mode]
     out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -59,7 +66,9 @@ def test_a_server_imports_neither_gguf_nor_the_inspection_kernels(lean):
 
 def test_cached_kernels_load_without_the_compiler_registries(lean):
     expected = np.arange(12, dtype=np.float32).reshape(3, 4) + 0.5
-    assert lean["cache_hits"] == 1 and lean["sum"] == expected.tolist()  # loaded, not compiled, and right
+    assert lean["cache_hits"] == 2  # loaded, not compiled
+    assert lean["sum"] == expected.tolist()
+    np.testing.assert_allclose(lean["matmul"], expected @ expected.T, rtol=1e-6)
     assert not lean["registries"]
     assert lean["total"] == float(expected.sum())  # compiling still works: it loads the registries itself
     assert probe("numba")["registries"]  # what Numba's own cache load imports
