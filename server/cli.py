@@ -232,6 +232,7 @@ def resolve_model(path: str | None) -> Path:
 
 def run_pull(args: argparse.Namespace) -> int:
     try:
+        from nextword.weights import gguf_import  # noqa: F401 (imported when needed: check the extra now)
         from nextword.weights.default_model import ensure_default_model
     except ModuleNotFoundError as e:
         raise MissingExtra(e.name, "server") from e
