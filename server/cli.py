@@ -173,6 +173,7 @@ def run_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        from nextword.kernels.cache_loading import lean_cache_loads
         from nextword.server.memory import use_server_malloc_policy
         from nextword.server.serve import ServerConfig, StartupError, serve
     except ModuleNotFoundError as e:
@@ -207,6 +208,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
         print("nextword: " + config.describe(), flush=True)
         use_server_malloc_policy()  # before the server's threads exist
+        lean_cache_loads()
         return asyncio.run(serve(config))
     except (StartupError, ValueError) as e:
         logging.getLogger("nextword.serve").debug("start-up failed", exc_info=True)
@@ -230,6 +232,7 @@ def resolve_model(path: str | None) -> Path:
 
 def run_pull(args: argparse.Namespace) -> int:
     try:
+        from nextword.weights import gguf_import  # noqa: F401 (imported when needed: check the extra now)
         from nextword.weights.default_model import ensure_default_model
     except ModuleNotFoundError as e:
         raise MissingExtra(e.name, "server") from e

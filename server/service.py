@@ -19,7 +19,6 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from nextword.kernels import inspect as inspection
 from nextword.kernels import isa
 from nextword.server.engine import Distribution, Step
 from nextword.server.frontend import Frontend, RequestError, engine_failure, invalid
@@ -246,8 +245,12 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         )
 
     # ---- inspection: the model's insides, computed on the engine thread between two steps ----
+    # (nextword.kernels.inspect is imported by the first inspection RPC: a server that never inspects does
+    # not hold its 1.4 MiB)
 
     async def Embed(self, request, context):
+        from nextword.kernels import inspect as inspection
+
         try:
             engine = self._engine()
             c, tok = engine.config, engine.tokenizer
@@ -297,6 +300,8 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         return pb.EmbedResponse(texts=texts, dim=c.hidden_size, num_layers=c.num_layers)
 
     async def NearestTokens(self, request, context):
+        from nextword.kernels import inspect as inspection
+
         try:
             engine = self._engine()
             tok = engine.tokenizer
@@ -340,6 +345,8 @@ class InferenceService(nextword_pb2_grpc.InferenceServicer):
         )
 
     async def Attention(self, request, context):
+        from nextword.kernels import inspect as inspection
+
         try:
             engine = self._engine()
             c = engine.config

@@ -24,6 +24,9 @@ class Tokenizer:
         self._tok = HFTokenizer.from_file(str(path))
         self._text_tok = HFTokenizer.from_file(str(path))  # special-token strings stay text
         self._text_tok.encode_special_tokens = True
+        # Only the handling of special tokens differs: both use one BPE model (its vocabulary and merges
+        # are 10 MiB, most of a tokenizer's memory), and this one's copy is freed.
+        self._text_tok.model = self._tok.model
         self._token_texts: dict[int, str] = {}
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}

@@ -313,6 +313,7 @@ def serve_config_of(monkeypatch, argv) -> ServerConfig:
 
     monkeypatch.setattr(serve_module, "serve", capture)
     monkeypatch.setattr("nextword.server.memory.use_server_malloc_policy", lambda: None)
+    monkeypatch.setattr("nextword.kernels.cache_loading.lean_cache_loads", lambda: None)
     assert main(["serve", *argv]) == 0
     return seen[0]
 

