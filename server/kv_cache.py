@@ -6,9 +6,9 @@ including the block. Another sequence whose prompt starts with the same tokens r
 computing it (the autocomplete case: each keystroke re-sends almost the same prompt). Blocks are reference
 counted; a released block that has a key stays cached until its slot is needed (least recently used first).
 
-A block that was not full when its sequence released it keeps a record of the prompt tokens it holds (behind
-its parent key): a later prompt that shares them copies their keys and values into a block of its own
-(`match_partial`) instead of computing them. An editor's next keystroke re-sends its prompt plus a character
+When a sequence releases its blocks, the last one holding prompt tokens keeps a record of those tokens (behind
+its parent key), whatever followed them in the block: a later prompt that shares them copies their keys and
+values into a block of its own (`match_partial`) instead of computing them. An editor's next keystroke re-sends its prompt plus a character
 or two, so this turns ~10 recomputed tokens a keystroke (half a block on average, plus the new ones) into 1-3.
 """
 
@@ -113,7 +113,7 @@ class BlockPool:
 
     def release(self, blocks: list[int], partial: tuple[int, bytes, tuple[int, ...]] | None = None) -> None:
         """Drop one reference on each block; unreferenced blocks become free (or evictable if cached).
-        `partial`: (block, parent key, the prompt tokens it holds) of the sequence's last, unfull block."""
+        `partial`: (block, parent key, the prompt tokens it holds) of the sequence's last block of prompt."""
         if partial is not None:  # (a block that filled up with generated tokens also keeps its key)
             block, parent, tokens = partial
             self._drop_partial(block)
