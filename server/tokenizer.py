@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import secrets
@@ -21,12 +22,8 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise ModelError(f"{folder}: no tokenizer.json")
+        self._path = path
         self._tok = HFTokenizer.from_file(str(path))
-        self._text_tok = HFTokenizer.from_file(str(path))  # special-token strings stay text
-        self._text_tok.encode_special_tokens = True
-        # Only the handling of special tokens differs: both use one BPE model (its vocabulary and merges
-        # are 10 MiB, most of a tokenizer's memory), and this one's copy is freed.
-        self._text_tok.model = self._tok.model
         self._token_texts: dict[int, str] = {}
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -44,6 +41,17 @@ class Tokenizer:
         self._special_re = re.compile("|".join(map(re.escape, longest_first))) if specials else None
         eos = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_token_ids = frozenset() if eos is None else frozenset({eos})
+
+    @functools.cached_property
+    def _text_tok(self) -> HFTokenizer:
+        """The tokenizer that keeps special-token strings as text (chat contents). Built on first use: only
+        chat requests need it, and parsing tokenizer.json is ~0.1 s of a server's start."""
+        tok = HFTokenizer.from_file(str(self._path))
+        tok.encode_special_tokens = True
+        # Only the handling of special tokens differs: both use one BPE model (its vocabulary and merges
+        # are 10 MiB, most of a tokenizer's memory), and this one's copy is freed.
+        tok.model = self._tok.model
+        return tok
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text (e.g. <|im_start|>) become their ids."""
