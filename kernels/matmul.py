@@ -57,8 +57,8 @@ def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0, tiled: bool 
     """out = x @ w.T for a weight in any supported format.   out: [T, N]; x: [T, K]; w: [N, K]
 
     Quantized weights multiply the first `decode_rows` rows (decode tokens) with integer activations (int8
-    for Q4_1 and Q8_0, like llama.cpp; int16 for Q8_M): the fastest form for a few rows; and the other rows (prompt tokens) with float32
-    activations: faster for many rows, and exact. The choice follows each token's role, never the batch
+    for Q4_1 and Q8_0, like llama.cpp; int16 for Q8_M): the fastest form for a few rows; and the other rows
+    (prompt tokens) with float32 activations: faster for many rows, and exact. The choice follows each token's role, never the batch
     size, so a request's results do not depend on what else is in its batch. `tiled=False` keeps prompt
     rows off the register-tiled panels, whose fixed cost (every weight dequantized and transposed, ~0.2 ns
     each) only pays off from ~30 rows: for the LM head, whose prompt-path input is one row per sequence.

@@ -426,7 +426,9 @@ def _q8m_codegen(nt):
         c16, c32 = ir.Constant(nb.type, QK // 2), ir.Constant(nb.type, QK)
         halves = [ir.Constant(_V(_i32, 16), list(range(h, h + 16))) for h in (0, 16)]
 
-        def add_block(blk, dv_blk, j):  # dv_blk: the block's weight scale in 8 lanes; j: which accumulator
+        def add_block(
+            blk, scales, j
+        ):  # scales: per token, the block's d * dx in 8 lanes; j: which accumulator
             off = b.mul(blk, c32)
             w = _load_vec(b, row, off, _V(_i8, 32), 1)
             wh = [b.zext(b.shuffle_vector(w, ir.Constant(w.type, None), h), _V(_i16, 16)) for h in halves]
@@ -435,8 +437,7 @@ def _q8m_codegen(nt):
                 xa = _load_vec(b, xrows[k], off, _V(_i16, 16), 2)
                 xb = _load_vec(b, xrows[k], b.add(off, c16), _V(_i16, 16), 2)
                 dot = b.sitofp(b.add(b.call(maddwd, [wh[0], xa]), b.call(maddwd, [wh[1], xb])), _V(_f32, 8))
-                sc = dv_blk[k]
-                b.store(b.call(fma8, [dot, sc, b.load(accs[k][j])]), accs[k][j])
+                b.store(b.call(fma8, [dot, scales[k], b.load(accs[k][j])]), accs[k][j])
 
         def body(base):
             _prefetch(b, row, b.mul(base, c32), _STEP * QK // 64)
