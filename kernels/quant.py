@@ -21,13 +21,19 @@ Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
   The result differs from the exact product by the activation rounding: per block
   |err| <= 0.5 * dx * sum_j |w_j| (the `m` term takes the sum of the quantized x, as llama.cpp does).
 - `*_xf` (prompt tokens): the activations stay float32 (matches the float64 reference to ~1e-6 relative);
-  each weight byte is read once per call. On the AVX2 path a panel of PANEL rows is dequantized, transposed
-  and multiplied by a register-tiled micro-kernel (6 tokens x PANEL rows of sums, one fma per k and
-  vector), or, for at most LANES tokens, by one with the tokens in the vector lanes and no transposed panel:
-  the same operations per sum, so the two agree bit for bit. Elsewhere (and for the LM head, `tiled=False`:
-  one row per sequence), a few rows are dequantized into a buffer reused for all T tokens (4 rows x 2
-  tokens, along K). The panels' transposition is a fixed cost per call (~0.2 ns a weight): a 4-token chunk
-  costs ~2.5x the row path's matmul time, a 512-token prompt ~0.55x.
+  each weight byte is read once per call. On the AVX2 path (N a multiple of PANEL):
+  - at most FEW_TOKENS tokens, and the LM head (`tiled=False`: one row per sequence, any T), N a multiple
+    of 4 * LANES: the rows in the vector lanes, dequantized straight from their blocks (a dword transpose
+    of LANES rows' block bytes, then one vpshufb per element), 1, 2 or 4 tokens a pass with 4 fma chains
+    in flight. Few prompt tokens are
+    the editors' case: each keystroke's prompt is mostly cached, 1-2 new tokens (3072x576 q4: ~70 us for
+    one token, was ~320 through the panels);
+  - more tokens: a panel of PANEL rows is dequantized, transposed and multiplied by a register-tiled
+    micro-kernel (6 tokens x PANEL rows of sums, one fma per k and vector; the transposition costs ~0.2 ns
+    a weight, which many tokens share).
+  Both compute each sum with the same operations (the same rounded weight, fma(w, x, sum), k in order), so
+  they agree bit for bit and a prompt's results do not depend on how it is cut into steps. Elsewhere, a
+  few rows are dequantized into a buffer reused for all T tokens (4 rows x 2 tokens, along K).
 Which one a token goes through is decided by `nextword.kernels.matmul.linear`: by the token's role (decode
 tokens `*_xq`, prompt tokens `*_xf`), never by the batch size. Note for callers: a cached njit function that
 calls a parallel=True one can segfault when loaded from the cache (numba issue #8578), so dispatch from
@@ -58,6 +64,7 @@ HAVE_AVX2 = isa.target().avx2
 # The float-activation micro-kernel's vector width: 16 floats where LLVM may use AVX-512, else 8.
 LANES = 16 if isa.target().avx512 else 8
 PANEL = 2 * LANES  # weight rows per panel of the micro-kernel (two vectors)
+FEW_TOKENS = 16  # a call with at most this many prompt tokens takes the rows-in-lanes kernel (4 a pass)
 
 # ---------------------------------------------------------------------------------------------------------
 # fp16 -> fp32
@@ -750,9 +757,9 @@ def _check(out, x, n, nb):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Float-activation path: dequantize a panel of PANEL rows, transpose it, and run the micro-kernel over the
-# tokens (AVX2, N a multiple of PANEL, `tiled`); else dequantize ROWS rows into a buffer, then a 4 rows x 2
-# tokens register-blocked product along K.
+# Float-activation path (see the module docstring): on AVX2 the rows-in-lanes kernel for few tokens and the
+# LM head, else a transposed panel of PANEL rows and the micro-kernel over the tokens; elsewhere ROWS rows
+# dequantized into a buffer, then a 4 rows x 2 tokens register-blocked product along K.
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -832,67 +839,176 @@ def _panel_times_x_avx2(typingctx, out, x, panel, i0, t0):
     return sig, codegen
 
 
-@intrinsic
-def _rows_times_xt_avx2(typingctx, out, xt, rows, r0, i0):
-    """out[t, i0 + r] = sum_k rows[r0 + r, k] * xt[k, t] for r < 8 and t < T (at most LANES tokens, the
-    columns of xt; the rest zeros): tokens in the lanes, 8 rows of sums in registers, each k adding one
-    broadcast weight times the tokens' vector per row. For few tokens, with no transposed panel to build: the
-    same operations per token and row as `_panel_times_x_avx2` (fma(w, x, sum), k in order), so the results
-    are the same bit for bit.   out: [T, N]; xt: [K, LANES]; rows: [R, K]"""
-    _check_types("_rows_times_xt_avx2", [(out, types.float32), (xt, types.float32), (rows, types.float32)])
-    sig = types.void(out, xt, rows, types.intp, types.intp)
-    vty = _V(_f32, LANES)
+def _dword_columns(builder, quads):
+    """LANES rows of 4 dwords (quads: LANES values <4 x i32>) as 4 <LANES x i32>: vector j holds dword j of
+    every row, row l in lane l. Rows g, g+4, g+8.. share vector g, one per 128-bit lane; then a 4 x 4
+    transpose inside each 128-bit lane (unpack dwords, then quadwords: what LLVM makes of these masks)."""
+    b, n = builder, len(quads)
+
+    def shuffle(a, c, mask):
+        return b.shuffle_vector(a, c, ir.Constant(_V(_i32, len(mask)), mask))
+
+    def concat(vs):
+        while len(vs) > 1:
+            w = 2 * vs[0].type.count
+            vs = [shuffle(vs[i], vs[i + 1], list(range(w))) for i in range(0, len(vs), 2)]
+        return vs[0]
+
+    def per_lane(a, c, picks):  # in each 128-bit lane q: the (vector, index) picks, index within the lane
+        return shuffle(a, c, [v * n + 4 * q + i for q in range(n // 4) for v, i in picks])
+
+    y = [concat([quads[g + 4 * q] for q in range(n // 4)]) for g in range(4)]
+    lo, hi = [(0, 0), (1, 0), (0, 1), (1, 1)], [(0, 2), (1, 2), (0, 3), (1, 3)]
+    b01, b23 = (
+        (per_lane(y[0], y[1], lo), per_lane(y[0], y[1], hi)),
+        (per_lane(y[2], y[3], lo), per_lane(y[2], y[3], hi)),
+    )
+    qlo, qhi = [(0, 0), (0, 1), (1, 0), (1, 1)], [(0, 2), (0, 3), (1, 2), (1, 3)]
+    return [per_lane(b01[h], b23[h], picks) for h in (0, 1) for picks in (qlo, qhi)]
+
+
+_FEW_ROW_VECTORS = {1: 4, 2: 2, 4: 1}  # tokens per pass: row vectors per pass (4 * LANES rows per call)
+_FEW_FORMATS = {  # format: (weight dtype, bytes per row and block, has a min `m`)
+    "q8_0": (types.int8, QK, False),
+    "q4_1": (types.uint8, QK // 2, True),
+    "q8_m": (types.uint8, QK, True),
+}
+
+
+def _few_rows_typer(fmt):
+    """`_few_rows_<fmt>(out, x, qs, d, [m,] i0, t0, nt)`: out[t, i0 + l] = sum_k x[t, k] * w[i0 + l, k] for
+    l < 4 * LANES and the nt (a literal: 1, 2 or 4) tokens t0.. (a token past the last repeats the last). The
+    rows in the vector lanes (4 // nt vectors a pass: 4 fma chains), dequantized straight from their blocks (a dword transpose of LANES rows' block
+    bytes), k in order: per sum exactly the operations of `_panel_times_x_avx2` (the same rounded weight,
+    fma(w, x, sum) from k = 0), so few prompt tokens cost no panel and give the same bits."""
+    wdtype, _, has_min = _FEW_FORMATS[fmt]
+
+    def check(out, x, qs, d, m, nt):
+        _check_types(
+            f"_few_rows_{fmt}",
+            [(out, types.float32), (x, types.float32), (qs, wdtype)] + [(a, types.uint16) for a in (d, *m)],
+        )
+        if not isinstance(nt, types.IntegerLiteral) or nt.literal_value not in (1, 2, 4):
+            raise TypingError(f"_few_rows_{fmt}: nt must be the literal 1, 2 or 4, got {nt}")
+        return types.void(out, x, qs, d, *m, types.intp, types.intp, nt), _few_rows_codegen(
+            fmt, nt.literal_value
+        )
+
+    if has_min:
+
+        def typer(typingctx, out, x, qs, d, m, i0, t0, nt):
+            return check(out, x, qs, d, [m], nt)
+
+    else:
+
+        def typer(typingctx, out, x, qs, d, i0, t0, nt):
+            return check(out, x, qs, d, [], nt)
+
+    return typer
+
+
+def _few_rows_codegen(fmt, nt):
+    _, row_bytes, has_min = _FEW_FORMATS[fmt]
+    vty, ivty = _V(_f32, LANES), _V(_i32, LANES)
+    nvec = _FEW_ROW_VECTORS[nt]  # row vectors per pass: nt * nvec fma chains in flight
 
     def codegen(context, builder, sig, args):
         b = builder
-        T = cgutils.unpack_tuple(b, context.make_array(sig.args[0])(context, b, args[0]).shape, 2)[0]
-        K = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, args[1]).shape, 2)[0]
-        xbase, _ = _row_ptr(context, b, sig.args[1], args[1], ir.Constant(K.type, 0))
-        wrows = [_row_ptr(context, b, sig.args[2], args[2], b.add(args[3], ir.Constant(K.type, r)))[0]
-                 for r in range(8)]  # fmt: skip
+        aty = sig.args
+        i0, t0 = args[-3], args[-2]
+        T = cgutils.unpack_tuple(b, context.make_array(aty[1])(context, b, args[1]).shape, 2)[0]
+        ity = T.type
+
+        def const(v):
+            return ir.Constant(ity, v)
+
+        def lanes(v):
+            return ir.Constant(ivty, [v] * LANES)
+
+        toks = []
+        for k in range(nt):
+            t = b.add(t0, const(k))
+            toks.append(b.select(b.icmp_signed("<", t, T), t, b.sub(T, const(1))))
+        xrows = [_row_ptr(context, b, aty[1], args[1], t)[0] for t in toks]
+        nb = cgutils.unpack_tuple(b, context.make_array(aty[3])(context, b, args[3]).shape, 2)[1]
         fma = _fn(b, f"llvm.fma.v{LANES}f32", vty, [vty] * 3)
-        zero = ir.Constant(vty, [0.0] * LANES)
-        accs = [cgutils.alloca_once_value(b, zero) for _ in range(8)]
-        lanes = ir.Constant(K.type, LANES)
-        with cgutils.for_range(b, K) as loop:
-            k = loop.index
-            xv = _load_vec(b, xbase, b.mul(k, lanes), vty, 4)
-            for r in range(8):
-                ws = _splat(b, b.load(b.gep(wrows[r], [k])), LANES)
-                b.store(b.call(fma, [ws, xv, b.load(accs[r])]), accs[r])
-        sums = [b.load(a) for a in accs]
-        for t in range(LANES):
-            t_ir = ir.Constant(T.type, t)
-            with b.if_then(b.icmp_signed("<", t_ir, T)):
-                orow, _ = _row_ptr(context, b, sig.args[0], args[0], t_ir)
-                for r in range(8):
-                    dst = b.gep(orow, [b.add(args[4], ir.Constant(K.type, r))])
-                    b.store(b.extract_element(sums[r], ir.Constant(_i32, t)), dst)
+
+        def byte(
+            col, p, top
+        ):  # byte p of each dword lane, alone in the lane's low (or top) byte: one vpshufb
+            nbytes = 4 * LANES
+            v = b.bitcast(col, _V(_i8, nbytes))
+            zero = nbytes  # an index into the second (all-zero) operand
+            picks = [[4 * r + p, zero, zero, zero][:: -1 if top else 1] for r in range(LANES)]
+            mask = ir.Constant(_V(_i32, nbytes), [i for pick in picks for i in pick])
+            return b.bitcast(b.shuffle_vector(v, ir.Constant(v.type, [0] * nbytes), mask), ivty)
+
+        def element(col, p):  # the weights' integer q of each lane's row
+            if fmt == "q8_0":  # signed: the byte on top, then an arithmetic shift down
+                return b.ashr(byte(col, p, True), lanes(24))
+            return byte(col, p, False)
+
+        def weights(q, s, mn):  # q * s (+ mn), as the panels' _dequant_*_block: q * s is exact (q has at most
+            qf = b.sitofp(q, vty)  # 8 bits, s 11), so fused into an fma or not, one rounding: the same bits
+            w = _strict(b.fmul(qf, s))
+            return _strict(b.fadd(w, mn)) if has_min else w
+
+        def scales(ptrs, blk):  # the LANES rows' fp16 scales of block blk, as floats
+            h = ir.Constant(_V(_i16, LANES), None)
+            for r, p in enumerate(ptrs):
+                h = b.insert_element(h, b.load(b.gep(p, [blk])), ir.Constant(_i32, r))
+            return b.fpext(b.bitcast(h, _V(ir.HalfType(), LANES)), vty)
+
+        def columns(ptrs, off, g):  # the 16 bytes at off of each row as dword columns, in k order
+            cols = _dword_columns(b, [_load_vec(b, p, off, _V(_i32, 4), 1) for p in ptrs])
+            if fmt != "q4_1":
+                return [(cols[j], p, 16 * g + 4 * j + p) for j in range(4) for p in range(4)]
+            nib = lanes(0x0F0F0F0F)  # byte j: element j in its low nibble, j + 16 in its high one
+            halves = [[b.and_(c, nib) for c in cols], [b.and_(b.lshr(c, lanes(4)), nib) for c in cols]]
+            return [(halves[h][j], p, 16 * h + 4 * j + p) for h in (0, 1) for j in range(4) for p in range(4)]
+
+        for first in range(0, 4 * LANES, LANES * nvec):  # 4 * LANES rows in all, nvec row vectors a pass
+            vecs = []  # per row vector: its rows' pointers into qs, d, m
+            for v in range(first, first + LANES * nvec, LANES):
+                rows = [b.add(i0, const(v + r)) for r in range(LANES)]
+                vecs.append(
+                    [
+                        [_row_ptr(context, b, aty[a], args[a], r)[0] for r in rows]
+                        for a in range(2, 4 + has_min)
+                    ]
+                )
+            accs = [
+                [cgutils.alloca_once_value(b, ir.Constant(vty, [0.0] * LANES)) for _ in range(nt)]
+                for _ in vecs
+            ]
+            with cgutils.for_range(b, nb) as loop:
+                blk = loop.index
+                sc = [[scales(ptrs[1], blk), scales(ptrs[2], blk) if has_min else None] for ptrs in vecs]
+                for g in range(row_bytes // 16):
+                    off = b.add(b.mul(blk, const(row_bytes)), const(16 * g))
+                    order = [columns(ptrs[0], off, g) for ptrs in vecs]
+                    for step in range(len(order[0])):
+                        k = order[0][step][2]
+                        xk = b.add(b.mul(blk, const(QK)), const(k))
+                        xs = [_splat(b, b.load(b.gep(xr, [xk])), LANES) for xr in xrows]
+                        for v in range(len(vecs)):
+                            col, p, _ = order[v][step]
+                            w = weights(element(col, p), *sc[v])
+                            for t in range(nt):
+                                b.store(b.call(fma, [w, xs[t], b.load(accs[v][t])]), accs[v][t])
+            for v in range(len(vecs)):
+                for t in range(nt):
+                    orow, _ = _row_ptr(context, b, aty[0], args[0], toks[t])
+                    dst = b.gep(orow, [b.add(i0, const(first + LANES * v))])
+                    b.store(b.load(accs[v][t]), b.bitcast(dst, vty.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
 
 
-@njit(cache=True, nogil=True)
-def _transposed_tokens(x):
-    """x [T, K], T <= LANES, as [K, LANES] (tokens in the columns, zeros past T): `_rows_times_xt_avx2`'s input."""
-    T, K = x.shape
-    xt = np.zeros((K, LANES), np.float32)
-    for t in range(T):
-        for k in range(K):
-            xt[k, t] = x[t, k]
-    return xt
-
-
-@njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _times_x(out, x, xt, rows, panel, i0):
-    """out[:, i0 : i0 + PANEL] = x @ rows.T for PANEL dequantized rows: for at most LANES tokens with the tokens
-    in the lanes (xt: x transposed), else through the transposed panel. The same sums either way."""
-    if x.shape[0] <= LANES:
-        for r0 in range(0, PANEL, 8):
-            _rows_times_xt_avx2(out, xt, rows, r0, i0 + r0)
-    else:
-        _panel_times_x(out, x, rows, panel, i0)
+_few_rows_q8_0 = intrinsic(prefer_literal=True)(_few_rows_typer("q8_0"))
+_few_rows_q4_1 = intrinsic(prefer_literal=True)(_few_rows_typer("q4_1"))
+_few_rows_q8_m = intrinsic(prefer_literal=True)(_few_rows_typer("q8_m"))
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -912,16 +1028,24 @@ def matmul_q8_0_xf(out, x, qs, d, tiled):
     """out = x @ dequant(qs, d).T with float32 activations (tiled: through the micro-kernel's panels).   out: [T, N]; x: [T, K]; qs: int8 [N, K]; d: uint16 [N, K/32]"""
     N, nb = d.shape
     _check(out, x, N, nb)
-    K = x.shape[1]
+    T, K = x.shape
+    if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
+        for c in prange(N // (4 * LANES)):
+            for t0 in range(0, T, 4):
+                if T - t0 > 2:
+                    _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 4)
+                elif T - t0 == 2:
+                    _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 2)
+                else:
+                    _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 1)
+        return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
-        few = x.shape[0] <= LANES  # few tokens: no transposed panels, the same sums (see _rows_times_xt_avx2)
-        xt = _transposed_tokens(x if few else x[:0])
         for c in prange(N // PANEL):
-            rows, panel = np.empty((PANEL, K), np.float32), np.empty((0 if few else K, PANEL), np.float32)
+            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
             for r in range(PANEL):
                 for b in range(nb):
                     _dequant_q8_block(rows, r, qs, PANEL * c + r, b, _h2f(d[PANEL * c + r, b]))
-            _times_x(out, x, xt, rows, panel, PANEL * c)
+            _panel_times_x(out, x, rows, panel, PANEL * c)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
@@ -938,17 +1062,25 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
     """out = x @ dequant(qs, d, m).T with float32 activations (tiled: through the micro-kernel's panels).   qs: uint8 [N, K/2]; d, m: uint16 [N, K/32]"""
     N, nb = d.shape
     _check(out, x, N, nb)
-    K = x.shape[1]
+    T, K = x.shape
+    if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
+        for c in prange(N // (4 * LANES)):
+            for t0 in range(0, T, 4):
+                if T - t0 > 2:
+                    _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 4)
+                elif T - t0 == 2:
+                    _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 2)
+                else:
+                    _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 1)
+        return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
-        few = x.shape[0] <= LANES  # few tokens: no transposed panels, the same sums (see _rows_times_xt_avx2)
-        xt = _transposed_tokens(x if few else x[:0])
         for c in prange(N // PANEL):
-            rows, panel = np.empty((PANEL, K), np.float32), np.empty((0 if few else K, PANEL), np.float32)
+            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
             for r in range(PANEL):
                 i = PANEL * c + r
                 for b in range(nb):
                     _dequant_q4_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
-            _times_x(out, x, xt, rows, panel, PANEL * c)
+            _panel_times_x(out, x, rows, panel, PANEL * c)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
@@ -965,17 +1097,25 @@ def matmul_q8_m_xf(out, x, qs, d, m, tiled):
     """out = x @ dequant(qs, d, m).T with float32 activations (tiled: through the micro-kernel's panels).   qs: uint8 [N, K]; d, m: uint16 [N, K/32]"""
     N, nb = d.shape
     _check(out, x, N, nb)
-    K = x.shape[1]
+    T, K = x.shape
+    if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
+        for c in prange(N // (4 * LANES)):
+            for t0 in range(0, T, 4):
+                if T - t0 > 2:
+                    _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 4)
+                elif T - t0 == 2:
+                    _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 2)
+                else:
+                    _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 1)
+        return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
-        few = x.shape[0] <= LANES  # few tokens: no transposed panels, the same sums (see _rows_times_xt_avx2)
-        xt = _transposed_tokens(x if few else x[:0])
         for c in prange(N // PANEL):
-            rows, panel = np.empty((PANEL, K), np.float32), np.empty((0 if few else K, PANEL), np.float32)
+            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
             for r in range(PANEL):
                 i = PANEL * c + r
                 for b in range(nb):
                     _dequant_q8m_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
-            _times_x(out, x, xt, rows, panel, PANEL * c)
+            _panel_times_x(out, x, rows, panel, PANEL * c)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)

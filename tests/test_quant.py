@@ -353,21 +353,24 @@ def test_quantize_activations_orders():
     np.testing.assert_array_equal(xq2, np.concatenate([*pairs, b[:, 4]], axis=1))
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_1"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call(kind):
-    """The float-activation path has two micro-kernels (a transposed panel for many tokens, tokens in the
-    lanes for at most LANES): a prompt token's products must be the same bit for bit whichever runs, or a
-    prompt's results would depend on how it was cut into steps."""
+    """The float-activation path has two AVX2 micro-kernels (a transposed panel for many tokens, the rows in
+    the lanes, 1, 2 or 4 tokens a pass, for at most FEW_TOKENS and for the LM head): a prompt token's
+    products must be the same bit for bit whichever runs, or a prompt's results would depend on how it was
+    cut into steps. Also the portable path, which has one kernel."""
     rng = np.random.default_rng(3)
-    w = QUANTIZERS[kind][0](weight(rng, 2 * kq.PANEL, 576, special=False))
+    n = 4 * kq.PANEL
+    w = QUANTIZERS[kind][0](weight(rng, n, 576, special=False))
     xf = KERNELS[kind][2]
     x = activations(rng, 40, 576)
-    many = np.full((40, 2 * kq.PANEL), np.nan, np.float32)
+    many = np.full((40, n), np.nan, np.float32)
     xf(many, x, *kernel_args(w), True)
-    for t in (1, 3, kq.LANES):
-        few = np.full((t, 2 * kq.PANEL), np.nan, np.float32)
-        xf(few, np.ascontiguousarray(x[5 : 5 + t]), *kernel_args(w), True)
-        np.testing.assert_array_equal(few, many[5 : 5 + t])
+    for t in (1, 2, 3, 4, 5, 6, kq.FEW_TOKENS, kq.FEW_TOKENS + 1):
+        for tiled in (True, False):
+            few = np.full((t, n), np.nan, np.float32)
+            xf(few, np.ascontiguousarray(x[5 : 5 + t]), *kernel_args(w), tiled)
+            np.testing.assert_array_equal(few, many[5 : 5 + t], err_msg=f"{t} tokens, tiled={tiled}")
 
 
 def test_shape_errors():
