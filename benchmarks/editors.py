@@ -1,6 +1,6 @@
 """Keystroke -> suggestion latency of `nextword lsp`: N simulated editors typing real code at 10 chars/s.
 
-    python benchmarks/editors.py [--editors 1 8 32] [--seconds 20] [--target HOST:PORT]
+    python benchmarks/editors.py [--editors 1 8 32] [--seconds 20] [--isa avx2] [--target HOST:PORT]
 
 Starts `nextword serve` (the default model and weights) on a free port unless --target is given. Each editor
 is a pygls LanguageClient with its own `nextword lsp` process on stdio, as in a real editor. It opens one of
@@ -34,6 +34,8 @@ import numpy as np
 from launch import start_serve
 
 from nextword.client.suggest import Settings
+from nextword.kernels.isa import ISAS, reexec_as
+from nextword.kernels.isa import target as target_isa
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["server/engine.py", "client/client.py", "server/service.py", "client/load.py", "kernels/llama.py"]
@@ -204,11 +206,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="typing time of each editor per level")
     ap.add_argument("--target", help="an already running server (then no thrown-away token counts)")
     ap.add_argument(
+        "--isa", choices=ISAS, help="the server's kernels compiled for this instruction set (default: host)"
+    )
+    ap.add_argument(
         "--settings",
         default="{}",
         help="the language server's settings, as JSON (default: its defaults), e.g. '{\"budgetMs\": 0}'",
     )
     args = ap.parse_args()
+    if args.isa:
+        reexec_as(args.isa)  # the server started here inherits the setting
     settings = json.loads(args.settings)
 
     proc, log_path = None, None
@@ -217,7 +224,8 @@ def main() -> None:
     else:
         log_path = Path(tempfile.mkdtemp()) / "serve.log"
         proc, target = start_server(log_path)
-    print(f"server {target}; load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    kernels = "" if args.target else f" with kernels for {target_isa()}"
+    print(f"server {target}{kernels}; load average before: {os.getloadavg()[0]:.2f}", flush=True)
     header = "| editors | keystrokes | shown | p50 ms | p90 ms | p99 ms | generated tok/keystroke | thrown away tok/keystroke | load avg |"
     rows = [header, "|" + "---|" * 9]
     try:

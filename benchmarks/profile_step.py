@@ -1,6 +1,7 @@
 """Per-kernel breakdown of one engine step: where the time of a decode (or prefill) step goes.
 
-    python benchmarks/profile_step.py [--weights q4] [--context 30] [--batch 1] [--prefill 0] [--steps 50]
+    python benchmarks/profile_step.py [--weights q4] [--context 30] [--batch 1] [--prefill 0] [--extend 0]
+                                      [--steps 50] [--isa avx2]
 
 Wraps every kernel that the forward pass calls with a timer (a few hundred ns of overhead per call,
 reported), runs warm steps, and prints milliseconds per step by kernel.
@@ -26,6 +27,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=30, help="prompt tokens before the measured steps")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     ap.add_argument("--prefill", type=int, default=0, help="measure one prefill of this many tokens instead")
+    ap.add_argument(
+        "--extend",
+        type=int,
+        default=0,
+        help="measure instead prompts that add this many tokens to a cached --context one (an editor's keystroke)",
+    )
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument(
         "--isa", choices=ISAS, help="compile the kernels for this instruction set (default: host)"
@@ -52,6 +59,15 @@ def main() -> None:
         t0 = time.perf_counter()
         engine.next_token_probabilities([7] + ids[: args.prefill - 1], 1)
         wall, steps = time.perf_counter() - t0, 1
+    elif args.extend:
+        engine.next_token_probabilities(ids[: args.context], 1)  # now in the prefix cache
+        prompts = [ids[: args.context] + [100 + s] * args.extend for s in range(args.steps + 1)]
+        engine.next_token_probabilities(prompts[-1], 1)  # warm
+        totals.clear(), calls.clear()
+        t0 = time.perf_counter()
+        for prompt in prompts[:-1]:
+            engine.next_token_probabilities(prompt, 1)
+        wall, steps = time.perf_counter() - t0, args.steps
     else:
         for b in range(args.batch):
             engine.submit([b + 100] + ids[: args.context - 1], params, lambda out: None)
@@ -63,7 +79,9 @@ def main() -> None:
             engine.step()
         wall, steps = time.perf_counter() - t0, args.steps
     kernel_total = sum(totals.values())
-    what = f"prefill of {args.prefill} tokens" if args.prefill else f"decode, batch {args.batch}"
+    what = f"decode, batch {args.batch}"
+    if args.prefill or args.extend:
+        what = f"prefill of {args.prefill} tokens" if args.prefill else f"prompts of {args.extend} new tokens"
     print(
         f"{engine.model_id} {args.weights} on {target()}, {what}, context {args.context}: {wall / steps * 1000:.2f} ms/step"
     )

@@ -24,8 +24,8 @@ Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
   each weight byte is read once per call. On the AVX2 path (N a multiple of PANEL):
   - at most FEW_TOKENS tokens, and the LM head (`tiled=False`: one row per sequence, any T), N a multiple
     of 4 * LANES: the rows in the vector lanes, dequantized straight from their blocks (a dword transpose
-    of LANES rows' block bytes, then one vpshufb per element), 1, 2 or 4 tokens a pass with 4 fma chains
-    in flight. Few prompt tokens are
+    of LANES rows' block bytes, then one vpshufb per element), 1, 2, 4 or 8 tokens a pass with 4 or 8
+    fma chains in flight. Few prompt tokens are
     the editors' case: each keystroke's prompt is mostly cached, 1-2 new tokens (3072x576 q4: ~70 us for
     one token, was ~320 through the panels);
   - more tokens: a panel of PANEL rows is dequantized, transposed and multiplied by a register-tiled
@@ -64,7 +64,7 @@ HAVE_AVX2 = isa.target().avx2
 # The float-activation micro-kernel's vector width: 16 floats where LLVM may use AVX-512, else 8.
 LANES = 16 if isa.target().avx512 else 8
 PANEL = 2 * LANES  # weight rows per panel of the micro-kernel (two vectors)
-FEW_TOKENS = 16  # a call with at most this many prompt tokens takes the rows-in-lanes kernel (4 a pass)
+FEW_TOKENS = 16  # a call with at most this many prompt tokens takes the rows-in-lanes kernel (8 a pass)
 
 # ---------------------------------------------------------------------------------------------------------
 # fp16 -> fp32
@@ -867,7 +867,7 @@ def _dword_columns(builder, quads):
     return [per_lane(b01[h], b23[h], picks) for h in (0, 1) for picks in (qlo, qhi)]
 
 
-_FEW_ROW_VECTORS = {1: 4, 2: 2, 4: 1}  # tokens per pass: row vectors per pass (4 * LANES rows per call)
+_FEW_ROW_VECTORS = {1: 4, 2: 2, 4: 1, 8: 1}  # tokens a pass: row vectors a pass (4 * LANES rows a call)
 _FEW_FORMATS = {  # format: (weight dtype, bytes per row and block, has a min `m`)
     "q8_0": (types.int8, QK, False),
     "q4_1": (types.uint8, QK // 2, True),
@@ -877,10 +877,11 @@ _FEW_FORMATS = {  # format: (weight dtype, bytes per row and block, has a min `m
 
 def _few_rows_typer(fmt):
     """`_few_rows_<fmt>(out, x, qs, d, [m,] i0, t0, nt)`: out[t, i0 + l] = sum_k x[t, k] * w[i0 + l, k] for
-    l < 4 * LANES and the nt (a literal: 1, 2 or 4) tokens t0.. (a token past the last repeats the last). The
-    rows in the vector lanes (4 // nt vectors a pass: 4 fma chains), dequantized straight from their blocks (a dword transpose of LANES rows' block
-    bytes), k in order: per sum exactly the operations of `_panel_times_x_avx2` (the same rounded weight,
-    fma(w, x, sum) from k = 0), so few prompt tokens cost no panel and give the same bits."""
+    l < 4 * LANES and the nt (a literal: 1, 2, 4 or 8) tokens t0.. (a token past the last repeats the last).
+    The rows in the vector lanes (_FEW_ROW_VECTORS[nt] vectors a pass), dequantized straight from their
+    blocks (a dword transpose of LANES rows' block bytes), k in order: per sum exactly the operations of
+    `_panel_times_x_avx2` (the same rounded weight, fma(w, x, sum) from k = 0), so few prompt tokens cost
+    no panel and give the same bits."""
     wdtype, _, has_min = _FEW_FORMATS[fmt]
 
     def check(out, x, qs, d, m, nt):
@@ -888,8 +889,10 @@ def _few_rows_typer(fmt):
             f"_few_rows_{fmt}",
             [(out, types.float32), (x, types.float32), (qs, wdtype)] + [(a, types.uint16) for a in (d, *m)],
         )
-        if not isinstance(nt, types.IntegerLiteral) or nt.literal_value not in (1, 2, 4):
-            raise TypingError(f"_few_rows_{fmt}: nt must be the literal 1, 2 or 4, got {nt}")
+        if not isinstance(nt, types.IntegerLiteral) or nt.literal_value not in _FEW_ROW_VECTORS:
+            raise TypingError(
+                f"_few_rows_{fmt}: nt must be a literal among {list(_FEW_ROW_VECTORS)}, got {nt}"
+            )
         return types.void(out, x, qs, d, *m, types.intp, types.intp, nt), _few_rows_codegen(
             fmt, nt.literal_value
         )
@@ -967,6 +970,20 @@ def _few_rows_codegen(fmt, nt):
             halves = [[b.and_(c, nib) for c in cols], [b.and_(b.lshr(c, lanes(4)), nib) for c in cols]]
             return [(halves[h][j], p, 16 * h + 4 * j + p) for h in (0, 1) for j in range(4) for p in range(4)]
 
+        pf = _fn(b, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
+        after = b.add(i0, const(4 * LANES))  # the next call's rows (prange gives a thread consecutive ones)
+
+        def prefetch_next_rows(blk):
+            """While block blk of these rows is computed, a 1/nb share of the next rows' qs, d and m: their
+            4 * LANES rows are contiguous, and so many interleaved streams defeat the hardware prefetcher
+            (cold weights took 2x as long). Past the array's end is harmless: a prefetch never faults."""
+            for a, nbytes in ((2, row_bytes), (3, 2), (4, 2))[: 2 + has_min]:
+                base = b.bitcast(_row_ptr(context, b, aty[a], args[a], after)[0], _i8.as_pointer())
+                share = 4 * LANES * nbytes  # bytes of the next rows per block
+                for line in range(0, share, 64):
+                    p = b.gep(base, [b.add(b.mul(blk, const(share)), const(line))])
+                    b.call(pf, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
+
         for first in range(0, 4 * LANES, LANES * nvec):  # 4 * LANES rows in all, nvec row vectors a pass
             vecs = []  # per row vector: its rows' pointers into qs, d, m
             for v in range(first, first + LANES * nvec, LANES):
@@ -983,6 +1000,8 @@ def _few_rows_codegen(fmt, nt):
             ]
             with cgutils.for_range(b, nb) as loop:
                 blk = loop.index
+                if first == 0:
+                    prefetch_next_rows(blk)
                 sc = [[scales(ptrs[1], blk), scales(ptrs[2], blk) if has_min else None] for ptrs in vecs]
                 for g in range(row_bytes // 16):
                     off = b.add(b.mul(blk, const(row_bytes)), const(16 * g))
@@ -1031,8 +1050,10 @@ def matmul_q8_0_xf(out, x, qs, d, tiled):
     T, K = x.shape
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
-            for t0 in range(0, T, 4):
-                if T - t0 > 2:
+            for t0 in range(0, T, 8):
+                if T - t0 > 4:
+                    _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 8)
+                elif T - t0 > 2:
                     _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 4)
                 elif T - t0 == 2:
                     _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 2)
@@ -1065,8 +1086,10 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
     T, K = x.shape
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
-            for t0 in range(0, T, 4):
-                if T - t0 > 2:
+            for t0 in range(0, T, 8):
+                if T - t0 > 4:
+                    _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 8)
+                elif T - t0 > 2:
                     _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 4)
                 elif T - t0 == 2:
                     _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 2)
@@ -1100,8 +1123,10 @@ def matmul_q8_m_xf(out, x, qs, d, m, tiled):
     T, K = x.shape
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
-            for t0 in range(0, T, 4):
-                if T - t0 > 2:
+            for t0 in range(0, T, 8):
+                if T - t0 > 4:
+                    _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 8)
+                elif T - t0 > 2:
                     _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 4)
                 elif T - t0 == 2:
                     _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 2)
