@@ -37,7 +37,7 @@ def main(expected: str) -> None:
     for kind in ("Q8_0", "Q4_1", "Q8_M"):
         for t, n, k in [(1, 7, 32), (5, 7, 544), (5, 9, 576), (1, 64, 576)]:
             check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
-    for kind in ("Q8_0", "Q4_1"):  # the float-activation path's two micro-kernels agree bit for bit
+    for kind in ("Q8_0", "Q4_1", "Q8_M"):  # the float-activation path's two micro-kernels agree bit for bit
         test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call(kind)
     # Attention over a float16 KV cache: F16C conversions on avx2, integer ones on portable.
     for chunk in (256, 5):
@@ -56,6 +56,14 @@ def main(expected: str) -> None:
     asm = one_row.inspect_asm(one_row.signatures[0])
     assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
     assert ("vpmaddwd" in asm and "vpmovzxbw" in asm) == (expected == "avx2")
+    # and for the prompt path's rows-in-lanes kernel (one vpshufb per weight element), on AVX2 only
+    if expected == "avx2":
+        rows = numba.njit(lambda out, x, qs, d, m: kq._few_rows_q4_1(out, x, qs, d, m, 0, 0, 1))
+        w = quantize_q4_1(np.ones((4 * kq.LANES, 64), np.float32))
+        rows(np.empty((1, 4 * kq.LANES), np.float32), np.ones((1, 64), np.float32), w.qs, w.d, w.m)
+        asm = rows.inspect_asm(rows.signatures[0])
+        assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
+        assert "vpshufb" in asm
     print(f"ok: {target}")
 
 
