@@ -21,16 +21,15 @@ Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
   The result differs from the exact product by the activation rounding: per block
   |err| <= 0.5 * dx * sum_j |w_j| (the `m` term takes the sum of the quantized x, as llama.cpp does).
 - `*_xf` (prompt tokens): the activations stay float32 (matches the float64 reference to ~1e-6 relative);
-  each weight byte is read once per call. On the AVX2 path (N a multiple of PANEL):
-  - at most FEW_TOKENS tokens, and the LM head (`tiled=False`: one row per sequence, any T), N a multiple
-    of 4 * LANES: the rows in the vector lanes, dequantized straight from their blocks (a dword transpose
-    of LANES rows' block bytes, then one vpshufb per element), 1, 2, 4 or 8 tokens a pass with 4 or 8
-    fma chains in flight. Few prompt tokens are
-    the editors' case: each keystroke's prompt is mostly cached, 1-2 new tokens (3072x576 q4: ~70 us for
-    one token, was ~320 through the panels);
-  - more tokens: a panel of PANEL rows is dequantized, transposed and multiplied by a register-tiled
-    micro-kernel (6 tokens x PANEL rows of sums, one fma per k and vector; the transposition costs ~0.2 ns
-    a weight, which many tokens share).
+  each weight byte is read once per call. On the AVX2 path (N a multiple of PANEL) the weights are
+  dequantized straight into vectors of LANES rows' elements k (a dword transpose of the rows' block bytes,
+  one vpshufb per element), which then either
+  - multiply at most FEW_TOKENS tokens, and the LM head's rows (`tiled=False`: one row per sequence, any T;
+    N a multiple of 4 * LANES), 1, 2, 4 or 8 tokens a pass with 4 or 8 fma chains in flight: few prompt
+    tokens are the editors' case, each keystroke's prompt mostly cached (3072x576 q4: ~70 us for one
+    token, was ~320 through the panels);
+  - or fill a transposed panel of PANEL rows for a register-tiled micro-kernel (6 tokens x PANEL rows of
+    sums, one fma per k and vector), for more tokens.
   Both compute each sum with the same operations (the same rounded weight, fma(w, x, sum), k in order), so
   they agree bit for bit and a prompt's results do not depend on how it is cut into steps. Elsewhere, a
   few rows are dequantized into a buffer reused for all T tokens (4 rows x 2 tokens, along K).
@@ -64,7 +63,7 @@ HAVE_AVX2 = isa.target().avx2
 # The float-activation micro-kernel's vector width: 16 floats where LLVM may use AVX-512, else 8.
 LANES = 16 if isa.target().avx512 else 8
 PANEL = 2 * LANES  # weight rows per panel of the micro-kernel (two vectors)
-FEW_TOKENS = 16  # a call with at most this many prompt tokens takes the rows-in-lanes kernel (8 a pass)
+FEW_TOKENS = 8  # a call with at most this many prompt tokens takes the rows-in-lanes kernel (one pass)
 
 # ---------------------------------------------------------------------------------------------------------
 # fp16 -> fp32
@@ -497,7 +496,8 @@ def _dot_q8m_avx2_x4(typingctx, qs, d, m, i, xq, dx, sx, t):
 
 # ---------------------------------------------------------------------------------------------------------
 # Block dequantization into a float32 buffer, in target-independent LLVM vector IR (numba's own loops for
-# this stay scalar: the unrolled 32-element body does not SLP-vectorize). Legal on any LLVM target.
+# this stay scalar: the unrolled 32-element body does not SLP-vectorize). Legal on any LLVM target: the
+# portable float-activation path.
 
 
 @intrinsic
@@ -911,16 +911,20 @@ def _few_rows_typer(fmt):
 
 
 def _few_rows_codegen(fmt, nt):
+    """Codegen of `_few_rows_<fmt>` (nt tokens a pass), or with nt = 0 of `_dequant_panel_<fmt>`: the same
+    dequantized weight vectors, stored into a panel instead of multiplied."""
     _, row_bytes, has_min = _FEW_FORMATS[fmt]
     vty, ivty = _V(_f32, LANES), _V(_i32, LANES)
-    nvec = _FEW_ROW_VECTORS[nt]  # row vectors per pass: nt * nvec fma chains in flight
+    panel = nt == 0
+    nvec = 2 if panel else _FEW_ROW_VECTORS[nt]  # row vectors a pass
+    per_call = PANEL if panel else 4 * LANES  # weight rows a call
+    qarg = 1 if panel else 2  # the argument index of qs (d and m follow)
 
     def codegen(context, builder, sig, args):
         b = builder
         aty = sig.args
-        i0, t0 = args[-3], args[-2]
-        T = cgutils.unpack_tuple(b, context.make_array(aty[1])(context, b, args[1]).shape, 2)[0]
-        ity = T.type
+        i0 = args[qarg + 2 + has_min]
+        ity = i0.type
 
         def const(v):
             return ir.Constant(ity, v)
@@ -928,17 +932,23 @@ def _few_rows_codegen(fmt, nt):
         def lanes(v):
             return ir.Constant(ivty, [v] * LANES)
 
-        toks = []
-        for k in range(nt):
-            t = b.add(t0, const(k))
-            toks.append(b.select(b.icmp_signed("<", t, T), t, b.sub(T, const(1))))
-        xrows = [_row_ptr(context, b, aty[1], args[1], t)[0] for t in toks]
-        nb = cgutils.unpack_tuple(b, context.make_array(aty[3])(context, b, args[3]).shape, 2)[1]
+        if panel:
+            pbase, _ = _row_ptr(context, b, aty[0], args[0], const(0))
+        else:
+            t0 = args[-2]
+            T = cgutils.unpack_tuple(b, context.make_array(aty[1])(context, b, args[1]).shape, 2)[0]
+            toks = []
+            for k in range(nt):
+                t = b.add(t0, const(k))
+                toks.append(b.select(b.icmp_signed("<", t, T), t, b.sub(T, const(1))))
+            xrows = [_row_ptr(context, b, aty[1], args[1], t)[0] for t in toks]
+        nb = cgutils.unpack_tuple(b, context.make_array(aty[qarg + 1])(context, b, args[qarg + 1]).shape, 2)[
+            1
+        ]
         fma = _fn(b, f"llvm.fma.v{LANES}f32", vty, [vty] * 3)
 
-        def byte(
-            col, p, top
-        ):  # byte p of each dword lane, alone in the lane's low (or top) byte: one vpshufb
+        def byte(col, p, top):
+            """Byte p of each dword lane, alone in the lane's low (or top) byte: one vpshufb."""
             nbytes = 4 * LANES
             v = b.bitcast(col, _V(_i8, nbytes))
             zero = nbytes  # an index into the second (all-zero) operand
@@ -951,8 +961,8 @@ def _few_rows_codegen(fmt, nt):
                 return b.ashr(byte(col, p, True), lanes(24))
             return byte(col, p, False)
 
-        def weights(q, s, mn):  # q * s (+ mn), as the panels' _dequant_*_block: q * s is exact (q has at most
-            qf = b.sitofp(q, vty)  # 8 bits, s 11), so fused into an fma or not, one rounding: the same bits
+        def weights(q, s, mn):  # q * s (+ mn), as _dequant_*_block: q * s is exact (q has at most 8 bits,
+            qf = b.sitofp(q, vty)  # s 11), so fused into an fma or not, one rounding: the same bits
             w = _strict(b.fmul(qf, s))
             return _strict(b.fadd(w, mn)) if has_min else w
 
@@ -971,27 +981,27 @@ def _few_rows_codegen(fmt, nt):
             return [(halves[h][j], p, 16 * h + 4 * j + p) for h in (0, 1) for j in range(4) for p in range(4)]
 
         pf = _fn(b, "llvm.prefetch.p0", ir.VoidType(), [_i8.as_pointer(), _i32, _i32, _i32])
-        after = b.add(i0, const(4 * LANES))  # the next call's rows (prange gives a thread consecutive ones)
+        after = b.add(i0, const(per_call))  # the next call's rows (prange gives a thread consecutive ones)
 
         def prefetch_next_rows(blk):
             """While block blk of these rows is computed, a 1/nb share of the next rows' qs, d and m: their
-            4 * LANES rows are contiguous, and so many interleaved streams defeat the hardware prefetcher
-            (cold weights took 2x as long). Past the array's end is harmless: a prefetch never faults."""
-            for a, nbytes in ((2, row_bytes), (3, 2), (4, 2))[: 2 + has_min]:
+            rows are contiguous, and so many interleaved streams defeat the hardware prefetcher (cold
+            weights took 2x as long). Past the array's end is harmless: a prefetch never faults."""
+            for a, nbytes in ((qarg, row_bytes), (qarg + 1, 2), (qarg + 2, 2))[: 2 + has_min]:
                 base = b.bitcast(_row_ptr(context, b, aty[a], args[a], after)[0], _i8.as_pointer())
-                share = 4 * LANES * nbytes  # bytes of the next rows per block
+                share = per_call * nbytes  # bytes of the next rows per block
                 for line in range(0, share, 64):
                     p = b.gep(base, [b.add(b.mul(blk, const(share)), const(line))])
                     b.call(pf, [p, ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)])
 
-        for first in range(0, 4 * LANES, LANES * nvec):  # 4 * LANES rows in all, nvec row vectors a pass
+        for first in range(0, per_call, LANES * nvec):  # nvec row vectors a pass
             vecs = []  # per row vector: its rows' pointers into qs, d, m
             for v in range(first, first + LANES * nvec, LANES):
                 rows = [b.add(i0, const(v + r)) for r in range(LANES)]
                 vecs.append(
                     [
                         [_row_ptr(context, b, aty[a], args[a], r)[0] for r in rows]
-                        for a in range(2, 4 + has_min)
+                        for a in range(qarg, qarg + 2 + has_min)
                     ]
                 )
             accs = [
@@ -1007,12 +1017,17 @@ def _few_rows_codegen(fmt, nt):
                     off = b.add(b.mul(blk, const(row_bytes)), const(16 * g))
                     order = [columns(ptrs[0], off, g) for ptrs in vecs]
                     for step in range(len(order[0])):
-                        k = order[0][step][2]
-                        xk = b.add(b.mul(blk, const(QK)), const(k))
-                        xs = [_splat(b, b.load(b.gep(xr, [xk])), LANES) for xr in xrows]
+                        xk = b.add(b.mul(blk, const(QK)), const(order[0][step][2]))  # this step's k
+                        if panel:
+                            prow = b.gep(pbase, [b.mul(xk, const(PANEL))])
+                        else:
+                            xs = [_splat(b, b.load(b.gep(xr, [xk])), LANES) for xr in xrows]
                         for v in range(len(vecs)):
                             col, p, _ = order[v][step]
                             w = weights(element(col, p), *sc[v])
+                            if panel:
+                                dst = b.gep(prow, [const(first + LANES * v)])
+                                b.store(w, b.bitcast(dst, vty.as_pointer()), align=4)
                             for t in range(nt):
                                 b.store(b.call(fma, [w, xs[t], b.load(accs[v][t])]), accs[v][t])
             for v in range(len(vecs)):
@@ -1025,21 +1040,38 @@ def _few_rows_codegen(fmt, nt):
     return codegen
 
 
+def _dequant_panel_typer(fmt):
+    """`_dequant_panel_<fmt>(panel, qs, d, [m,] i0)`: panel[k, r] = w[i0 + r, k] for r < PANEL, every k:
+    the panels' dequantization and transposition in one, with the rows-in-lanes kernel's weight vectors
+    (the same bits). panel: [K, PANEL] float32."""
+    wdtype, _, has_min = _FEW_FORMATS[fmt]
+
+    def check(panel, qs, d, m):
+        _check_types(
+            f"_dequant_panel_{fmt}",
+            [(panel, types.float32), (qs, wdtype)] + [(a, types.uint16) for a in (d, *m)],
+        )
+        return types.void(panel, qs, d, *m, types.intp), _few_rows_codegen(fmt, 0)
+
+    if has_min:
+
+        def typer(typingctx, panel, qs, d, m, i0):
+            return check(panel, qs, d, [m])
+
+    else:
+
+        def typer(typingctx, panel, qs, d, i0):
+            return check(panel, qs, d, [])
+
+    return typer
+
+
 _few_rows_q8_0 = intrinsic(prefer_literal=True)(_few_rows_typer("q8_0"))
 _few_rows_q4_1 = intrinsic(prefer_literal=True)(_few_rows_typer("q4_1"))
 _few_rows_q8_m = intrinsic(prefer_literal=True)(_few_rows_typer("q8_m"))
-
-
-@njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _panel_times_x(out, x, rows, panel, i0):
-    """out[:, i0 : i0 + PANEL] = x @ rows.T, rows [PANEL, K] dequantized: transposed into `panel`
-    [K, PANEL] for the micro-kernel, 6 tokens per pass."""
-    K = x.shape[1]
-    for k in range(K):
-        for r in range(PANEL):
-            panel[k, r] = rows[r, k]
-    for t0 in range(0, x.shape[0], PANEL_TOKENS):
-        _panel_times_x_avx2(out, x, panel, i0, t0)
+_dequant_panel_q8_0 = intrinsic(_dequant_panel_typer("q8_0"))
+_dequant_panel_q4_1 = intrinsic(_dequant_panel_typer("q4_1"))
+_dequant_panel_q8_m = intrinsic(_dequant_panel_typer("q8_m"))
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
@@ -1062,11 +1094,10 @@ def matmul_q8_0_xf(out, x, qs, d, tiled):
         return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
         for c in prange(N // PANEL):
-            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
-            for r in range(PANEL):
-                for b in range(nb):
-                    _dequant_q8_block(rows, r, qs, PANEL * c + r, b, _h2f(d[PANEL * c + r, b]))
-            _panel_times_x(out, x, rows, panel, PANEL * c)
+            panel = np.empty((K, PANEL), np.float32)
+            _dequant_panel_q8_0(panel, qs, d, PANEL * c)
+            for t0 in range(0, T, PANEL_TOKENS):
+                _panel_times_x_avx2(out, x, panel, PANEL * c, t0)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
@@ -1098,12 +1129,10 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
         return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
         for c in prange(N // PANEL):
-            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
-            for r in range(PANEL):
-                i = PANEL * c + r
-                for b in range(nb):
-                    _dequant_q4_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
-            _panel_times_x(out, x, rows, panel, PANEL * c)
+            panel = np.empty((K, PANEL), np.float32)
+            _dequant_panel_q4_1(panel, qs, d, m, PANEL * c)
+            for t0 in range(0, T, PANEL_TOKENS):
+                _panel_times_x_avx2(out, x, panel, PANEL * c, t0)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
@@ -1135,12 +1164,10 @@ def matmul_q8_m_xf(out, x, qs, d, m, tiled):
         return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
         for c in prange(N // PANEL):
-            rows, panel = np.empty((PANEL, K), np.float32), np.empty((K, PANEL), np.float32)
-            for r in range(PANEL):
-                i = PANEL * c + r
-                for b in range(nb):
-                    _dequant_q8m_block(rows, r, qs, i, b, _h2f(d[i, b]), _h2f(m[i, b]))
-            _panel_times_x(out, x, rows, panel, PANEL * c)
+            panel = np.empty((K, PANEL), np.float32)
+            _dequant_panel_q8_m(panel, qs, d, m, PANEL * c)
+            for t0 in range(0, T, PANEL_TOKENS):
+                _panel_times_x_avx2(out, x, panel, PANEL * c, t0)
         return
     for c in prange((N + CHUNK - 1) // CHUNK):
         buf = np.empty((ROWS, K), np.float32)
