@@ -25,7 +25,7 @@ Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
   dequantized straight into vectors of LANES rows' elements k (a dword transpose of the rows' block bytes,
   one vpshufb per element), which then either
   - multiply at most FEW_TOKENS tokens, and the LM head's rows (`tiled=False`: one row per sequence, any T;
-    N a multiple of 4 * LANES), 1, 2, 4 or 8 tokens a pass with 4 or 8 fma chains in flight: few prompt
+    N a multiple of 4 * LANES), 1, 2 or 4 tokens a pass with 4 fma chains in flight: few prompt
     tokens are the editors' case, each keystroke's prompt mostly cached (3072x576 q4: ~70 us for one
     token, was ~320 through the panels);
   - or fill a transposed panel of PANEL rows for a register-tiled micro-kernel (6 tokens x PANEL rows of
@@ -63,7 +63,8 @@ HAVE_AVX2 = isa.target().avx2
 # The float-activation micro-kernel's vector width: 16 floats where LLVM may use AVX-512, else 8.
 LANES = 16 if isa.target().avx512 else 8
 PANEL = 2 * LANES  # weight rows per panel of the micro-kernel (two vectors)
-FEW_TOKENS = 8  # a call with at most this many prompt tokens takes the rows-in-lanes kernel (one pass)
+FEW_TOKENS = 4  # a call with at most this many prompt tokens takes the rows-in-lanes kernel (one pass;
+# an 8-token variant was faster at 5-8 tokens but its code held 4 MiB more: the memory goal of issue 12)
 
 # ---------------------------------------------------------------------------------------------------------
 # fp16 -> fp32
@@ -867,7 +868,7 @@ def _dword_columns(builder, quads):
     return [per_lane(b01[h], b23[h], picks) for h in (0, 1) for picks in (qlo, qhi)]
 
 
-_FEW_ROW_VECTORS = {1: 4, 2: 2, 4: 1, 8: 1}  # tokens a pass: row vectors a pass (4 * LANES rows a call)
+_FEW_ROW_VECTORS = {1: 4, 2: 2, 4: 1}  # tokens a pass: row vectors a pass (4 * LANES rows a call)
 _FEW_FORMATS = {  # format: (weight dtype, bytes per row and block, has a min `m`)
     "q8_0": (types.int8, QK, False),
     "q4_1": (types.uint8, QK // 2, True),
@@ -877,7 +878,7 @@ _FEW_FORMATS = {  # format: (weight dtype, bytes per row and block, has a min `m
 
 def _few_rows_typer(fmt):
     """`_few_rows_<fmt>(out, x, qs, d, [m,] i0, t0, nt)`: out[t, i0 + l] = sum_k x[t, k] * w[i0 + l, k] for
-    l < 4 * LANES and the nt (a literal: 1, 2, 4 or 8) tokens t0.. (a token past the last repeats the last).
+    l < 4 * LANES and the nt (a literal: 1, 2 or 4) tokens t0.. (a token past the last repeats the last).
     The rows in the vector lanes (_FEW_ROW_VECTORS[nt] vectors a pass), dequantized straight from their
     blocks (a dword transpose of LANES rows' block bytes), k in order: per sum exactly the operations of
     `_panel_times_x_avx2` (the same rounded weight, fma(w, x, sum) from k = 0), so few prompt tokens cost
@@ -1082,10 +1083,8 @@ def matmul_q8_0_xf(out, x, qs, d, tiled):
     T, K = x.shape
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
-            for t0 in range(0, T, 8):
-                if T - t0 > 4:
-                    _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 8)
-                elif T - t0 > 2:
+            for t0 in range(0, T, 4):
+                if T - t0 > 2:
                     _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 4)
                 elif T - t0 == 2:
                     _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 2)
@@ -1117,10 +1116,8 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
     T, K = x.shape
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
-            for t0 in range(0, T, 8):
-                if T - t0 > 4:
-                    _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 8)
-                elif T - t0 > 2:
+            for t0 in range(0, T, 4):
+                if T - t0 > 2:
                     _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 4)
                 elif T - t0 == 2:
                     _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 2)
@@ -1152,10 +1149,8 @@ def matmul_q8_m_xf(out, x, qs, d, m, tiled):
     T, K = x.shape
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
-            for t0 in range(0, T, 8):
-                if T - t0 > 4:
-                    _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 8)
-                elif T - t0 > 2:
+            for t0 in range(0, T, 4):
+                if T - t0 > 2:
                     _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 4)
                 elif T - t0 == 2:
                     _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 2)

@@ -356,7 +356,7 @@ def test_quantize_activations_orders():
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call(kind):
     """The float-activation path has two AVX2 micro-kernels (a transposed panel for many tokens, the rows in
-    the lanes, 1, 2, 4 or 8 tokens a pass, for at most FEW_TOKENS and for the LM head): a prompt token's
+    the lanes, 1, 2 or 4 tokens a pass, for at most FEW_TOKENS and for the LM head): a prompt token's
     products must be the same bit for bit whichever runs, or a prompt's results would depend on how it was
     cut into steps. Also the portable path, which has one kernel."""
     rng = np.random.default_rng(3)
