@@ -877,36 +877,47 @@ _FEW_FORMATS = {  # format: (weight dtype, bytes per row and block, has a min `m
 
 
 def _few_rows_typer(fmt):
-    """`_few_rows_<fmt>(out, x, qs, d, [m,] i0, t0, nt)`: out[t, i0 + l] = sum_k x[t, k] * w[i0 + l, k] for
-    l < 4 * LANES and the nt (a literal: 1, 2 or 4) tokens t0.. (a token past the last repeats the last).
-    The rows in the vector lanes (_FEW_ROW_VECTORS[nt] vectors a pass), dequantized straight from their
-    blocks (a dword transpose of LANES rows' block bytes), k in order: per sum exactly the operations of
-    `_panel_times_x_avx2` (the same rounded weight, fma(w, x, sum) from k = 0), so few prompt tokens cost
-    no panel and give the same bits."""
+    """`_few_rows_<fmt>(out, x, qs, d, [m,] i0, t0)`: out[t, i0 + l] = sum_k x[t, k] * w[i0 + l, k] for
+    l < 4 * LANES and the tokens t0 .. min(t0 + 4, T) - 1, 1, 2 or 4 tokens a pass (3 run as 4, the last
+    repeated). The rows in the vector lanes (_FEW_ROW_VECTORS[nt] vectors a pass), dequantized straight
+    from their blocks (a dword transpose of LANES rows' block bytes), k in order: per sum exactly the
+    operations of `_panel_times_x_avx2` (the same rounded weight, fma(w, x, sum) from k = 0), so few prompt
+    tokens cost no panel and give the same bits."""
     wdtype, _, has_min = _FEW_FORMATS[fmt]
 
-    def check(out, x, qs, d, m, nt):
+    def check(out, x, qs, d, m):
         _check_types(
             f"_few_rows_{fmt}",
             [(out, types.float32), (x, types.float32), (qs, wdtype)] + [(a, types.uint16) for a in (d, *m)],
         )
-        if not isinstance(nt, types.IntegerLiteral) or nt.literal_value not in _FEW_ROW_VECTORS:
-            raise TypingError(
-                f"_few_rows_{fmt}: nt must be a literal among {list(_FEW_ROW_VECTORS)}, got {nt}"
-            )
-        return types.void(out, x, qs, d, *m, types.intp, types.intp, nt), _few_rows_codegen(
-            fmt, nt.literal_value
-        )
+        passes = {nt: _few_rows_codegen(fmt, nt) for nt in _FEW_ROW_VECTORS}
+
+        def codegen(context, builder, sig, args):  # the pass for the tokens left from t0
+            b = builder
+            T = cgutils.unpack_tuple(b, context.make_array(sig.args[1])(context, b, args[1]).shape, 2)[0]
+            left = b.sub(T, args[-1])
+            more, two = (b.icmp_signed(op, left, ir.Constant(T.type, 2)) for op in (">", "=="))
+            with b.if_else(more) as (four, fewer):
+                with four:
+                    passes[4](context, b, sig, args)
+                with fewer, b.if_else(two) as (two_left, one_left):
+                    with two_left:
+                        passes[2](context, b, sig, args)
+                    with one_left:
+                        passes[1](context, b, sig, args)
+            return context.get_dummy_value()
+
+        return types.void(out, x, qs, d, *m, types.intp, types.intp), codegen
 
     if has_min:
 
-        def typer(typingctx, out, x, qs, d, m, i0, t0, nt):
-            return check(out, x, qs, d, [m], nt)
+        def typer(typingctx, out, x, qs, d, m, i0, t0):
+            return check(out, x, qs, d, [m])
 
     else:
 
-        def typer(typingctx, out, x, qs, d, i0, t0, nt):
-            return check(out, x, qs, d, [], nt)
+        def typer(typingctx, out, x, qs, d, i0, t0):
+            return check(out, x, qs, d, [])
 
     return typer
 
@@ -924,7 +935,7 @@ def _few_rows_codegen(fmt, nt):
     def codegen(context, builder, sig, args):
         b = builder
         aty = sig.args
-        i0 = args[qarg + 2 + has_min]
+        i0 = args[qarg + 2 + has_min]  # then t0
         ity = i0.type
 
         def const(v):
@@ -936,7 +947,7 @@ def _few_rows_codegen(fmt, nt):
         if panel:
             pbase, _ = _row_ptr(context, b, aty[0], args[0], const(0))
         else:
-            t0 = args[-2]
+            t0 = args[qarg + 3 + has_min]
             T = cgutils.unpack_tuple(b, context.make_array(aty[1])(context, b, args[1]).shape, 2)[0]
             toks = []
             for k in range(nt):
@@ -1067,9 +1078,9 @@ def _dequant_panel_typer(fmt):
     return typer
 
 
-_few_rows_q8_0 = intrinsic(prefer_literal=True)(_few_rows_typer("q8_0"))
-_few_rows_q4_1 = intrinsic(prefer_literal=True)(_few_rows_typer("q4_1"))
-_few_rows_q8_m = intrinsic(prefer_literal=True)(_few_rows_typer("q8_m"))
+_few_rows_q8_0 = intrinsic(_few_rows_typer("q8_0"))
+_few_rows_q4_1 = intrinsic(_few_rows_typer("q4_1"))
+_few_rows_q8_m = intrinsic(_few_rows_typer("q8_m"))
 _dequant_panel_q8_0 = intrinsic(_dequant_panel_typer("q8_0"))
 _dequant_panel_q4_1 = intrinsic(_dequant_panel_typer("q4_1"))
 _dequant_panel_q8_m = intrinsic(_dequant_panel_typer("q8_m"))
@@ -1084,12 +1095,7 @@ def matmul_q8_0_xf(out, x, qs, d, tiled):
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
             for t0 in range(0, T, 4):
-                if T - t0 > 2:
-                    _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 4)
-                elif T - t0 == 2:
-                    _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 2)
-                else:
-                    _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0, 1)
+                _few_rows_q8_0(out, x, qs, d, 4 * LANES * c, t0)
         return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
         for c in prange(N // PANEL):
@@ -1117,12 +1123,7 @@ def matmul_q4_1_xf(out, x, qs, d, m, tiled):
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
             for t0 in range(0, T, 4):
-                if T - t0 > 2:
-                    _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 4)
-                elif T - t0 == 2:
-                    _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 2)
-                else:
-                    _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0, 1)
+                _few_rows_q4_1(out, x, qs, d, m, 4 * LANES * c, t0)
         return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
         for c in prange(N // PANEL):
@@ -1150,12 +1151,7 @@ def matmul_q8_m_xf(out, x, qs, d, m, tiled):
     if HAVE_AVX2 and N % (4 * LANES) == 0 and (T <= FEW_TOKENS or not tiled):  # rows in lanes, no panels
         for c in prange(N // (4 * LANES)):
             for t0 in range(0, T, 4):
-                if T - t0 > 2:
-                    _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 4)
-                elif T - t0 == 2:
-                    _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 2)
-                else:
-                    _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0, 1)
+                _few_rows_q8_m(out, x, qs, d, m, 4 * LANES * c, t0)
         return
     if tiled and HAVE_AVX2 and N % PANEL == 0:
         for c in prange(N // PANEL):

@@ -58,7 +58,7 @@ def main(expected: str) -> None:
     assert ("vpmaddwd" in asm and "vpmovzxbw" in asm) == (expected == "avx2")
     # and for the prompt path's rows-in-lanes kernel (one vpshufb per weight element), on AVX2 only
     if expected == "avx2":
-        rows = numba.njit(lambda out, x, qs, d, m: kq._few_rows_q4_1(out, x, qs, d, m, 0, 0, 1))
+        rows = numba.njit(lambda out, x, qs, d, m: kq._few_rows_q4_1(out, x, qs, d, m, 0, 0))
         w = quantize_q4_1(np.ones((4 * kq.LANES, 64), np.float32))
         rows(np.empty((1, 4 * kq.LANES), np.float32), np.ones((1, 64), np.float32), w.qs, w.d, w.m)
         asm = rows.inspect_asm(rows.signatures[0])
