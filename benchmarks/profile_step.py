@@ -79,9 +79,12 @@ def main() -> None:
             engine.step()
         wall, steps = time.perf_counter() - t0, args.steps
     kernel_total = sum(totals.values())
-    what = f"decode, batch {args.batch}"
-    if args.prefill or args.extend:
-        what = f"prefill of {args.prefill} tokens" if args.prefill else f"prompts of {args.extend} new tokens"
+    if args.prefill:
+        what = f"prefill of {args.prefill} tokens"
+    elif args.extend:
+        what = f"prompts of {args.extend} new tokens"
+    else:
+        what = f"decode, batch {args.batch}"
     print(
         f"{engine.model_id} {args.weights} on {target()}, {what}, context {args.context}: {wall / steps * 1000:.2f} ms/step"
     )

@@ -60,8 +60,8 @@ def linear(out: np.ndarray, x: np.ndarray, w, decode_rows: int = 0, tiled: bool 
     for Q4_1 and Q8_0, like llama.cpp; int16 for Q8_M): the fastest form for a few rows; and the other rows
     (prompt tokens) with float32 activations: faster for many rows, and exact. The choice follows each token's role, never the batch
     size, so a request's results do not depend on what else is in its batch. `tiled=False` keeps prompt
-    rows off the register-tiled panels, whose fixed cost (every weight transposed, ~0.2 ns each) only pays
-    off from ~20 rows: for the LM head, whose prompt-path input is one row per sequence.
+    rows off the register-tiled panels (on AVX2 the rows-in-lanes kernel takes them, whatever their number)
+    for the LM head, whose prompt-path input is one row per sequence: too few rows to pay for a panel.
     """
     if isinstance(w, np.ndarray) and w.dtype == np.float32:
         matmul_f32(out, x, w)

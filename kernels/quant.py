@@ -954,9 +954,8 @@ def _few_rows_codegen(fmt, nt):
                 t = b.add(t0, const(k))
                 toks.append(b.select(b.icmp_signed("<", t, T), t, b.sub(T, const(1))))
             xrows = [_row_ptr(context, b, aty[1], args[1], t)[0] for t in toks]
-        nb = cgutils.unpack_tuple(b, context.make_array(aty[qarg + 1])(context, b, args[qarg + 1]).shape, 2)[
-            1
-        ]
+        d_shape = context.make_array(aty[qarg + 1])(context, b, args[qarg + 1]).shape
+        nb = cgutils.unpack_tuple(b, d_shape, 2)[1]  # blocks per row
         fma = _fn(b, f"llvm.fma.v{LANES}f32", vty, [vty] * 3)
 
         def byte(col, p, top):
