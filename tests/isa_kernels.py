@@ -15,6 +15,7 @@ from test_kernels import test_paged_attention_ragged_batch
 from test_quant import (
     check_kernels,
     test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call,
+    test_int8_path_results_do_not_depend_on_the_batch,
 )
 
 from nextword.kernels import attention, isa
@@ -37,16 +38,24 @@ def main(expected: str) -> None:
     for kind in ("Q8_0", "Q4_1", "Q8_M"):
         for t, n, k in [(1, 7, 32), (5, 7, 544), (5, 9, 576), (1, 64, 576)]:
             check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
+    for n, k in [(13, 544), (29, 576)]:  # Q4_1's one-token and several-token sums agree bit for bit
+        test_int8_path_results_do_not_depend_on_the_batch("Q4_1", n, k)
     for kind in ("Q8_0", "Q4_1", "Q8_M"):  # the float-activation path's two micro-kernels agree bit for bit
         test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call(kind)
     # Attention over a float16 KV cache: F16C conversions on avx2, integer ones on portable.
     for chunk in (256, 5):
         test_paged_attention_ragged_batch(9, 3, 64, 16, chunk, "f16")
-    # What LLVM emitted for the Q4_1 row dot this target runs (compiled afresh: cached code has no assembly).
-    one_row = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q4(qs, d, m, 0, xq, dx, sx, 0))
+    # What LLVM emitted for the Q4_1 decode kernel this target runs (compiled afresh: cached code has no
+    # assembly): the rows-in-lanes kernel on AVX2, the portable row dot elsewhere.
     w, xq, dx = kq_inputs()
-    one_row(w.qs, w.d, w.m, xq, dx, dx)
-    asm = one_row.inspect_asm(one_row.signatures[0])
+    if expected == "avx2":
+        q4 = numba.njit(lambda qs, d, m, xq, dx, sx: kq._rows_q4_1_xq(np.empty((1, 8), np.float32), xq, dx, sx,
+                                                                      qs, d, m, 0))  # fmt: skip
+        q4(*quantize_q4_1(np.ones((8, 64), np.float32)).blocks, xq, dx, dx)
+    else:
+        q4 = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q4_portable(qs, d, m, 0, xq, dx, sx, 0))
+        q4(w.qs, w.d, w.m, xq, dx, dx)
+    asm = q4.inspect_asm(q4.signatures[0])
     assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
     assert ("vpmaddubsw" in asm) == (expected == "avx2")
     # and for the Q8_M row dot (uint8 weights widened to int16, times int16 activations)
