@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API against gRPC on the same server, and llama.cpp's llama-server, in one run.
 
     python benchmarks/http_vs_grpc.py [--concurrency 16] [--requests-per-stream 4] [--repeats 3]
-        [--llama-server PATH] [--gguf PATH]
+        [--isa native|avx2] [--llama-server PATH] [--gguf PATH]
 
 One `nextword serve --http-port 0` (q4 weights); `nextword load` drives it at --concurrency streams, closed
 loop (30-token prompts sent as token ids, 64 output tokens with ignore_eos, greedy, 16 warm-up requests),
@@ -10,7 +10,9 @@ over gRPC (Generate) and over HTTP (streamed /v1/completions), and llama-server 
 /v1/completions: both servers up together (an idle one uses no CPU), one unmeasured pass of each, then
 --repeats rounds alternating the three. Prints the median of the repeats: aggregate output tokens/s, TTFT
 p50 / p99, ITL p50, and each row's throughput relative to gRPC's and to llama-server's. The load generator
-runs on the same cores as the servers. Run it alone on the machine.
+runs on the same cores as the servers. Run it alone on the machine. --isa avx2: nextword's kernels compiled
+for an AVX2-only CPU (nextword.kernels.isa) against llama-server built for AVX2 only (PEERS_ISA=avx2 of
+../shared/peers/setup.sh, in $NEXTWORD_PEERS_AVX2 or ~/.cache/nextword-peers-avx2).
 """
 
 import argparse
@@ -26,16 +28,21 @@ from pathlib import Path
 from launch import start_serve
 
 from nextword.client.load import LoadConfig, run_load
+from nextword.kernels import isa
 
-PEERS = Path(os.environ.get("NEXTWORD_PEERS", Path.home() / ".cache" / "nextword-peers"))
-LLAMA_SERVER = PEERS / "src" / "llama.cpp" / "build" / "bin" / "llama-server"
-GGUF = PEERS / "model" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+PEERS = {
+    "native": Path(os.environ.get("NEXTWORD_PEERS", Path.home() / ".cache" / "nextword-peers")),
+    "avx2": Path(os.environ.get("NEXTWORD_PEERS_AVX2", Path.home() / ".cache" / "nextword-peers-avx2")),
+}
+LLAMA_SERVER = Path("src") / "llama.cpp" / "build" / "bin" / "llama-server"  # in a peers folder
+GGUF = Path("model") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def start_nextword() -> tuple[subprocess.Popen, str, str]:
-    """`nextword serve` on free ports; (process, gRPC target, HTTP target) once it is ready."""
+def start_nextword(kernels_isa: str) -> tuple[subprocess.Popen, str, str]:
+    """`nextword serve` on free ports, its kernels for `kernels_isa`; (process, gRPC target, HTTP target) once
+    it is ready."""
     flags = ["--http-port", "0", "--metrics-port", "-1", "--max-queue", "1024", "--log-level", "WARNING"]
-    proc, found = start_serve(*flags)
+    proc, found = start_serve(*flags, env=isa.with_isa(dict(os.environ), kernels_isa))
     return proc, found["grpc"], found["http"]
 
 
@@ -84,16 +91,19 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests-per-stream", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--llama-server", type=Path, default=LLAMA_SERVER)
-    ap.add_argument("--gguf", type=Path, default=GGUF)
+    ap.add_argument("--isa", default="native", choices=list(PEERS))
+    ap.add_argument("--llama-server", type=Path, help="default: the --isa peers folder's")
+    ap.add_argument("--gguf", type=Path, help="default: the --isa peers folder's")
     args = ap.parse_args()
     n, per = args.concurrency, args.requests_per_stream
+    args.llama_server = args.llama_server or PEERS[args.isa] / LLAMA_SERVER
+    args.gguf = args.gguf or PEERS[args.isa] / GGUF
 
     runs: dict[str, list[dict]] = {"nextword gRPC": [], "nextword HTTP": [], "llama-server HTTP": []}
     targets = []  # (name, target, protocol)
     servers = []
     try:
-        proc, grpc_target, http_target = start_nextword()
+        proc, grpc_target, http_target = start_nextword(args.isa)
         servers.append(lambda: (proc.send_signal(signal.SIGINT), proc.wait(30)))
         targets += [("nextword gRPC", grpc_target, "grpc"), ("nextword HTTP", http_target, "http")]
         if args.llama_server.is_file() and args.gguf.is_file():
@@ -116,6 +126,10 @@ def main() -> None:
     def median(name: str, key: str) -> float:
         return statistics.median(d[key] for d in runs[name])
 
+    kernels = (
+        isa.target() if args.isa == "native" else f"avx2 (LLVM cpu {isa.numba_env('avx2')['NUMBA_CPU_NAME']})"
+    )
+    print(f"nextword kernels: {kernels}; llama-server: {args.llama_server}")
     print(
         f"{n} concurrent streams, {n * per} requests of 30 prompt + 64 output tokens, median of {args.repeats}"
     )

@@ -13,11 +13,12 @@ ANNOUNCED = {
 }
 
 
-def start_serve(*flags: str, stderr=None) -> tuple[subprocess.Popen, dict[str, str]]:
+def start_serve(*flags: str, stderr=None, env=None) -> tuple[subprocess.Popen, dict[str, str]]:
     """`nextword serve --port 0 FLAGS`; (process, {"grpc": host:port, "http": host:port, "metrics": URL}: those
-    its flags turn on) once it says it is ready. `stderr`: where its log goes (default: this terminal)."""
+    its flags turn on) once it says it is ready. `stderr`: where its log goes (default: this terminal);
+    `env`: its environment (default: this one)."""
     cmd = [sys.executable, "-m", "nextword.client.cli", "serve", "--port", "0", *flags]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    env = (os.environ if env is None else env) | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     found = {}
     for line in proc.stdout:
