@@ -1073,13 +1073,15 @@ def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
         def out_ptr(t):
             return b.bitcast(b.gep(row(0, t), [i0]), fty.as_pointer())
 
-        def accumulate(t, blk, dots, dv, mv):  # out[t, i0..] += dots * (dv * dx) + mv * sx: every token's ops
-            dxt, sxt = (b.load(b.gep(row(a, t), [blk])) for a in (2, 3))
+        def contribution(dots, scale, dxs, mins, sxs):
+            """A block's share of out: sum * (d * dx) + m * sx, elementwise, so that rows in the lanes (several
+            tokens) and blocks in the lanes (one token) give the same bits."""
+            return b.call(fma, [b.sitofp(dots, fty), _strict(b.fmul(scale, dxs)), _strict(b.fmul(mins, sxs))])
+
+        def accumulate(t, blk, dots, dv, mv):  # out[t, i0..] += the block's contribution, every token's ops
+            dxt, sxt = (_splat(b, b.load(b.gep(row(a, t), [blk])), R) for a in (2, 3))
             dst = out_ptr(t)
-            acc = b.call(
-                fma, [b.sitofp(dots, fty), _strict(b.fmul(dv, _splat(b, dxt, R))), b.load(dst, align=4)]
-            )
-            b.store(b.call(fma, [mv, _splat(b, sxt, R), acc]), dst, align=4)
+            b.store(_strict(b.fadd(b.load(dst, align=4), contribution(dots, dv, dxt, mv, sxt))), dst, align=4)
 
         def prefetch(blk, nblocks):  # the next rows' share of nblocks blocks from blk (as _few_rows)
             for a, nbytes in ((4, QK // 2), (5, 2), (6, 2)):
@@ -1147,26 +1149,33 @@ def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
         with cgutils.for_range(b, groups) as loop:
             base = b.mul(loop.index, const(8))
             prefetch(base, 8)
-            # each row's 8 scales and 8 mins in one vector (two 128-bit lanes): both transposed at once
-            both = [
-                b.shuffle_vector(_load_vec(b, pd, base, _V(_i16, 8), 2), _load_vec(b, pm, base, _V(_i16, 8), 2),
-                                 ir.Constant(_V(_i32, 16), list(range(16))))
-                for pd, pm in zip(dp, mp, strict=True)
-            ]  # fmt: skip
-            for k, col in enumerate(_transpose_8x8_i16(b, both)):
-                for h in (0, 1):
-                    half = b.shuffle_vector(col, col, ir.Constant(_V(_i32, 8), list(range(8 * h, 8 * h + 8))))
-                    b.store(_halves_to_f32(b, half), scale_slot(const(8 * h + k)))
             with b.if_else(one) as (one_token, tokens):
-                with one_token:
-                    xrow = row(1, const(0))
-                    cols = _transpose_8x8_i32(b, [row_sums(rp, base, xrow) for rp in qp])
-                    for u in range(8):
-                        slot = const(u)
-                        dv, mv = b.load(scale_slot(slot)), b.load(scale_slot(const(8 + u)))
-                        accumulate(const(0), b.add(base, slot), cols[u], dv, mv)
-                with tokens, cgutils.for_range(b, const(8)) as inner:
-                    transposed_block(b.add(base, inner.index), inner.index)
+                with one_token:  # each row's 8 blocks' contributions, blocks in the lanes, then transposed
+                    dxs, sxs = (_load_vec(b, row(a, const(0)), base, fty, 4) for a in (2, 3))
+                    contributions = [
+                        contribution(row_sums(rp, base, row(1, const(0))), _halfn_to_f32(b, pd, base, R), dxs,
+                                     _halfn_to_f32(b, pm, base, R), sxs)
+                        for rp, pd, pm in zip(qp, dp, mp, strict=True)
+                    ]  # fmt: skip
+                    cols = _transpose_8x8_i32(b, [b.bitcast(c, ity) for c in contributions])
+                    dst = out_ptr(const(0))
+                    acc = b.load(dst, align=4)
+                    for col in cols:  # block after block, as the other way
+                        acc = _strict(b.fadd(acc, b.bitcast(col, fty)))
+                    b.store(acc, dst, align=4)
+                with tokens:
+                    # each row's 8 scales and 8 mins in one vector (two 128-bit lanes): both transposed at once
+                    both = [
+                        b.shuffle_vector(_load_vec(b, pd, base, _V(_i16, 8), 2), _load_vec(b, pm, base, _V(_i16, 8), 2),
+                                         ir.Constant(_V(_i32, 16), list(range(16))))
+                        for pd, pm in zip(dp, mp, strict=True)
+                    ]  # fmt: skip
+                    for k, col in enumerate(_transpose_8x8_i16(b, both)):
+                        for h in (0, 1):
+                            half = b.shuffle_vector(col, col, ir.Constant(_V(_i32, 8), list(range(8 * h, 8 * h + 8))))
+                            b.store(_halves_to_f32(b, half), scale_slot(const(8 * h + k)))
+                    with cgutils.for_range(b, const(8)) as inner:
+                        transposed_block(b.add(base, inner.index), inner.index)
         with cgutils.for_range_slice(b, b.mul(groups, const(8)), nb, const(1)) as (blk, _):
             prefetch(blk, 1)
             u = b.and_(blk, const(7))
