@@ -14,13 +14,13 @@ Two ways to compute out[T, N] = x[T, K] @ dequant(W).T:
   zero-extended to int16, vpmaddwd: as many multiply-add instructions per block as the int8 path, and 256x
   finer activation steps, which the decode path needs to stay within 0.2% of float32's perplexity). On
   AVX2 + F16C hosts each dot is an explicit-SIMD `@intrinsic` (vector accumulators, vcvtph2ps); elsewhere
-  a portable numba loop. Q8_0 and Q8_M: tokens go 4 at a time through each row (`*_x4` dots: one unpacking
-  of the row, every token's float operations exactly those of the 1-token dot, so results do not depend on
-  the batch), one vector accumulator per token (two for Q8_M), so that 4 tokens fit AVX2's 16 registers.
-  Q4_1 (the q4 format's layers, the serving hot path): `_rows_q4_1_xq` puts XQ_ROWS rows in the vector
-  lanes, each block's 32 products added in exact integers, then out += sum * (d * dx) + m * sx block after
-  block, the same operations for every token: at 16 tokens a step, 1.2-1.7x the speed of 4-token row dots
-  (whose per-row reductions and call overhead it spreads over 8 rows).
+  a portable numba loop. Q8_0: tokens go 4 at a time through each row (`*_x4` dots: one unpacking of the
+  row, every token's float operations exactly those of the 1-token dot, so results do not depend on the
+  batch), one vector accumulator per token. Q4_1 (the q4 format's layers) and Q8_M (the LM heads): all
+  tokens at once through `_rows_<fmt>_xq`, XQ_ROWS rows in the vector lanes, each block's 32 products added
+  in exact integers, then out += sum * (d * dx) + m * sx block after block, the same operations for every
+  token: at 16 tokens a step, 1.2-1.7x the speed of 4-token row dots (whose per-row reductions and call
+  overhead it spreads over 8 rows), and as fast at one token.
   The result differs from the exact product by the activation rounding: per block
   |err| <= 0.5 * dx * sum_j |w_j| (the `m` term takes the sum of the quantized x, as llama.cpp does).
 - `*_xf` (prompt tokens): the activations stay float32 (matches the float64 reference to ~1e-6 relative);
@@ -274,99 +274,6 @@ def _dot_q8_avx2_x4(typingctx, qs, d, i, xq, dx, t):
     return sig, _q8_codegen(NTOK)
 
 
-def _min_types(name, xq_dtype, qs, d, m, xq, dx, sx):
-    """Argument types of the dots of formats with a block minimum (Q4_1: int8 activations, Q8_M: int16)."""
-    _check_types(
-        name,
-        [(qs, types.uint8), (d, types.uint16), (m, types.uint16), (xq, xq_dtype), (dx, types.float32),
-         (sx, types.float32)],
-    )  # fmt: skip
-    return (qs, d, m, types.intp, xq, dx, sx, types.intp)
-
-
-def _q8m_codegen(nt):
-    def codegen(context, builder, sig, args):
-        b = builder
-        row, _ = _row_ptr(context, b, sig.args[0], args[0], args[3])
-        drow, nb = _row_ptr(context, b, sig.args[1], args[1], args[3])
-        mrow, _ = _row_ptr(context, b, sig.args[2], args[2], args[3])
-        toks = [b.add(args[7], ir.Constant(args[7].type, k)) for k in range(nt)]
-        xrows = [_row_ptr(context, b, sig.args[4], args[4], t)[0] for t in toks]
-        dxrows = [_row_ptr(context, b, sig.args[5], args[5], t)[0] for t in toks]
-        sxrows = [_row_ptr(context, b, sig.args[6], args[6], t)[0] for t in toks]
-        maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", _V(_i32, 8), [_V(_i16, 16), _V(_i16, 16)])
-        fma8 = _fn(b, "llvm.fma.v8f32", _V(_f32, 8), [_V(_f32, 8)] * 3)
-        fma1 = _fn(b, "llvm.fma.f32", _f32, [_f32] * 3)
-        zero8 = ir.Constant(_V(_f32, 8), [0.0] * 8)
-        # Two accumulators per token: at one token a row is 8 blocks of 32 bytes per step, short enough for
-        # the FMA latency of a single one to show; more would spill the 4-token dot's registers on AVX2.
-        accs = [[cgutils.alloca_once_value(b, zero8) for _ in range(2)] for _ in range(nt)]
-        mtail = [cgutils.alloca_once_value(b, ir.Constant(_f32, 0.0)) for _ in range(nt)]
-        c16, c32 = ir.Constant(nb.type, QK // 2), ir.Constant(nb.type, QK)
-        halves = [ir.Constant(_V(_i32, 16), list(range(h, h + 16))) for h in (0, 16)]
-
-        def add_block(
-            blk, scales, j
-        ):  # scales: per token, the block's d * dx in 8 lanes; j: which accumulator
-            off = b.mul(blk, c32)
-            w = _load_vec(b, row, off, _V(_i8, 32), 1)
-            wh = [b.zext(b.shuffle_vector(w, ir.Constant(w.type, None), h), _V(_i16, 16)) for h in halves]
-            # u8 * i16 pairs summed: <= 2 * 255 * 32767, two of them per lane: no overflow
-            for k in range(nt):
-                xa = _load_vec(b, xrows[k], off, _V(_i16, 16), 2)
-                xb = _load_vec(b, xrows[k], b.add(off, c16), _V(_i16, 16), 2)
-                dot = b.sitofp(b.add(b.call(maddwd, [wh[0], xa]), b.call(maddwd, [wh[1], xb])), _V(_f32, 8))
-                b.store(b.call(fma8, [dot, scales[k], b.load(accs[k][j])]), accs[k][j])
-
-        def body(base):
-            _prefetch(b, row, b.mul(base, c32), _STEP * QK // 64)
-            dv = _halfn_to_f32(b, drow, base, _STEP)
-            mins = _halfn_to_f32(b, mrow, base, _STEP)
-            for k in range(nt):
-                sxv = _load_vec(b, sxrows[k], base, _V(_f32, _STEP), 4)
-                b.store(b.call(fma8, [mins, sxv, b.load(accs[k][0])]), accs[k][0])
-            scales = [_strict(b.fmul(dv, _load_vec(b, dxr, base, _V(_f32, _STEP), 4))) for dxr in dxrows]
-            for u in range(_STEP):
-                add_block(b.add(base, ir.Constant(nb.type, u)), [_lane(b, sck, u) for sck in scales], u % 2)
-
-        def tail(start):
-            with cgutils.for_range_slice(b, start, nb, ir.Constant(nb.type, 1)) as (blk, _):
-                dv, mv = _half_to_f32(b, drow, blk), _half_to_f32(b, mrow, blk)
-                add_block(
-                    blk, [_splat(b, _strict(b.fmul(dv, b.load(b.gep(dxr, [blk])))), 8) for dxr in dxrows], 0
-                )
-                for k in range(nt):
-                    sxk = b.load(b.gep(sxrows[k], [blk]))
-                    b.store(b.call(fma1, [mv, sxk, b.load(mtail[k])]), mtail[k])
-
-        _block_loop(b, nb, _STEP, body, tail)
-        vals = []
-        for acc, m_tail in zip(accs, mtail, strict=True):
-            v = _strict(b.fadd(b.load(acc[0]), b.load(acc[1])))
-            vals.append(_strict(b.fadd(_hsum(b, v, 8), b.load(m_tail))))
-        return _result(context, b, sig, vals)
-
-    return codegen
-
-
-def _q8m_types(name, qs, d, m, xq, dx, sx):
-    return _min_types(name, types.int16, qs, d, m, xq, dx, sx)
-
-
-@intrinsic
-def _dot_q8m_avx2(typingctx, qs, d, m, i, xq, dx, sx, t):
-    """sum_b d[i,b]*dx[t,b] * sum_j qs[i, 32b+j] * xq[t, 32b+j] + m[i,b] * sx[t,b]   (AVX2: the uint8 weights
-    zero-extended to int16, times the int16 activations by vpmaddwd)"""
-    return types.float32(*_q8m_types("_dot_q8m_avx2", qs, d, m, xq, dx, sx)), _q8m_codegen(1)
-
-
-@intrinsic
-def _dot_q8m_avx2_x4(typingctx, qs, d, m, i, xq, dx, sx, t):
-    """`_dot_q8m_avx2` for tokens t .. t+3 (a tuple of 4), each bit-identical to the 1-token dot."""
-    sig = types.UniTuple(types.float32, NTOK)(*_q8m_types("_dot_q8m_avx2_x4", qs, d, m, xq, dx, sx))
-    return sig, _q8m_codegen(NTOK)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Block dequantization into a float32 buffer, in target-independent LLVM vector IR (numba's own loops for
 # this stay scalar: the unrolled 32-element body does not SLP-vectorize). Legal on any LLVM target: the
@@ -493,16 +400,6 @@ def _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t):
 
 
 @njit(cache=True, nogil=True)
-def _dot_q8m_portable_x4(qs, d, m, i, xq, dx, sx, t):
-    return (
-        _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t),
-        _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t + 1),
-        _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t + 2),
-        _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t + 3),
-    )
-
-
-@njit(cache=True, nogil=True)
 def _dot_q8_portable_x4(qs, d, i, xq, dx, t):
     return (
         _dot_q8_portable(qs, d, i, xq, dx, t),
@@ -514,8 +411,6 @@ def _dot_q8_portable_x4(qs, d, i, xq, dx, t):
 
 _dot_q8 = _dot_q8_avx2 if HAVE_AVX2 else _dot_q8_portable
 _dot_q8_x4 = _dot_q8_avx2_x4 if HAVE_AVX2 else _dot_q8_portable_x4
-_dot_q8m = _dot_q8m_avx2 if HAVE_AVX2 else _dot_q8m_portable
-_dot_q8m_x4 = _dot_q8m_avx2_x4 if HAVE_AVX2 else _dot_q8m_portable_x4
 _h2f = _f16_to_f32_f16c if HAVE_AVX2 else _f16_to_f32
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1025,25 +920,11 @@ def _transpose_8x8_i32(builder, rows):
     return cols
 
 
-@intrinsic
-def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
-    """out[t, i0 + l] = sum_b d[i0+l, b] * dx[t, b] * sum_j q[i0+l, 32b+j] * xq[t, 32b+j] + m[i0+l, b] * sx[t, b]
-    for l < XQ_ROWS and every token t (AVX2; xq in the pair-interleaved order of quantize_activations_paired).
-    The rows in the vector lanes: out[t, i0..] += (block sums) * (d * dx) + m * sx, block after block, the
-    same float operations for every token whatever the others (results do not depend on the batch). The
-    block sums are exact integers, found two ways:
-    - several tokens: a block's 16 bytes of each row are transposed into dword columns (as in
-      `_few_rows_*`) and split into nibbles once for all the tokens; per token 8 vpmaddubsw against broadcast
-      dwords of its activations add the 32 products per row in int16 (<= 8 * 2 * 15 * 127 < 2^15);
-    - one token (transposing weights for a single token cost ~30% more than the row dots): 8 blocks of each
-      row as in a row dot (vpmaddubsw over pairs of blocks, vphaddw), then the 8 rows' block sums transposed.
-    The scales and mins are transposed 8 blocks at a time; blocks past the last whole 8 go the first way."""
-    _check_types("_rows_q4_1_xq", [(out, types.float32), (xq, types.int8), (dx, types.float32),
-                                   (sx, types.float32), (qs, types.uint8), (d, types.uint16),
-                                   (m, types.uint16)])  # fmt: skip
-    sig = types.void(out, xq, dx, sx, qs, d, m, types.intp)
+def _rows_xq_codegen(fmt):
+    """Codegen of `_rows_<fmt>_xq` (q4_1 or q8_m): see its docstring."""
     R = XQ_ROWS
     fty, ity, bty = _V(_f32, R), _V(_i32, R), _V(_i8, 4 * R)
+    row_bytes = QK // 2 if fmt == "q4_1" else QK  # weight bytes per row and block
 
     def codegen(context, builder, sig, args):
         b = builder
@@ -1060,6 +941,7 @@ def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
         maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", _V(_i16, 16), [bty, bty])
         maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", ity, [_V(_i16, 16), _V(_i16, 16)])
         phaddw = _fn(b, "llvm.x86.avx2.phadd.w", _V(_i16, 16), [_V(_i16, 16), _V(_i16, 16)])
+        phaddd = _fn(b, "llvm.x86.avx2.phadd.d", ity, [ity, ity])
         fma = _fn(b, f"llvm.fma.v{R}f32", fty, [fty] * 3)
         ones = ir.Constant(_V(_i16, 16), [1] * 16)
         nib = ir.Constant(bty, [0x0F] * 4 * R)
@@ -1084,7 +966,7 @@ def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
             b.store(_strict(b.fadd(b.load(dst, align=4), contribution(dots, dv, dxt, mv, sxt))), dst, align=4)
 
         def prefetch(blk, nblocks):  # the next rows' share of nblocks blocks from blk (as _few_rows)
-            for a, nbytes in ((4, QK // 2), (5, 2), (6, 2)):
+            for a, nbytes in ((4, row_bytes), (5, 2), (6, 2)):
                 base = b.bitcast(row(a, after), _i8.as_pointer())
                 for line in range(0, nblocks * R * nbytes, 64):
                     p = b.gep(base, [b.add(b.mul(blk, const(R * nbytes)), const(line))])
@@ -1093,38 +975,76 @@ def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
         def scale_slot(k):
             return b.gep(scratch, [const(0), k])
 
-        def transposed_block(blk, u):
-            """Block blk for every token, the weights transposed; its scales in scratch slots u, 8 + u."""
+        def x_words(
+            t, word0
+        ):  # token t's activation dwords from dword word0: f(j, vty), dword j in every lane
+            x32 = b.bitcast(row(1, t), _i32.as_pointer())
+            return lambda j, vty: b.bitcast(
+                _splat(b, b.load(b.gep(x32, [b.add(word0, const(j))]), align=1), R), vty
+            )
+
+        def q4_1_sums(blk):
+            """f(t): the block's integer sums of token t. The rows' 16 bytes as dword columns, split into
+            nibbles once; per token 8 vpmaddubsw against broadcast activation dwords, added in int16."""
             cols = _dword_columns(
-                b, [_load_vec(b, p, b.mul(blk, const(QK // 2)), _V(_i32, 4), 1) for p in qp]
+                b, [_load_vec(b, p, b.mul(blk, const(row_bytes)), _V(_i32, 4), 1) for p in qp]
             )
             cols = [b.bitcast(c, bty) for c in cols]
             lo = [b.and_(c, nib) for c in cols]  # elements 4j .. 4j+3 of each row
             hi = [b.and_(b.lshr(c, ir.Constant(bty, [4] * 4 * R)), nib) for c in cols]  # 16 + 4j ..
-            dv, mv = b.load(scale_slot(u)), b.load(scale_slot(b.add(u, const(8))))
             paired = b.icmp_signed("<", b.or_(blk, const(1)), nb)  # the activations' order (paired)
             lo_off = b.select(
                 paired, b.add(b.mul(b.lshr(blk, const(1)), const(2 * QK)), b.mul(b.and_(blk, const(1)), const(16))),
                 b.mul(blk, const(QK)),
             )  # fmt: skip
             hi_off = b.add(lo_off, b.select(paired, const(QK), const(QK // 2)))
-            with cgutils.for_range(b, T) as tl:
-                t = tl.index
-                x32 = b.bitcast(row(1, t), _i32.as_pointer())
 
-                def xs(off, j):  # 4 activations, in every lane
-                    word = b.add(b.lshr(off, const(2)), const(j))
-                    return b.bitcast(_splat(b, b.load(b.gep(x32, [word]), align=1), R), bty)
-
+            def sums(t):
+                xlo, xhi = x_words(t, b.lshr(lo_off, const(2))), x_words(t, b.lshr(hi_off, const(2)))
                 p = None
                 for j in range(4):
-                    for wv, xv in ((lo[j], xs(lo_off, j)), (hi[j], xs(hi_off, j))):
+                    for wv, xv in ((lo[j], xlo(j, bty)), (hi[j], xhi(j, bty))):
                         prod = b.call(maddubs, [wv, xv])
                         p = prod if p is None else b.add(p, prod)
-                accumulate(t, blk, b.call(maddwd, [p, ones]), dv, mv)
+                return b.call(maddwd, [p, ones])
 
-        def row_sums(rp, base, xrow):
-            """<8 x i32>: one row's block sums for blocks base .. base+7 (one token): per pair of blocks, the
+            return sums
+
+        def q8_m_sums(blk):
+            """f(t): the block's integer sums of token t. The rows' 32 bytes as dword columns, each widened
+            into two vectors of int16 pairs once; per token 16 vpmaddwd against broadcast pairs of int16
+            activations, added in int32 (<= 16 * 2 * 255 * 32767 < 2^31)."""
+            off = b.mul(blk, const(row_bytes))
+            zero = ir.Constant(bty, [0] * 4 * R)
+            pairs = []  # (weights, activation dword): elements 2c, 2c + 1 of each row, zero-extended to int16
+            for h in (0, 1):
+                quads = [_load_vec(b, p, b.add(off, const(16 * h)), _V(_i32, 4), 1) for p in qp]
+                for j, col in enumerate(_dword_columns(b, quads)):
+                    col = b.bitcast(col, bty)
+                    for e in (0, 1):
+                        mask = [i for r in range(R) for i in (4 * r + 2 * e, 4 * R, 4 * r + 2 * e + 1, 4 * R)]
+                        widened = b.shuffle_vector(col, zero, ir.Constant(_V(_i32, 4 * R), mask))
+                        pairs.append((b.bitcast(widened, _V(_i16, 2 * R)), 8 * h + 2 * j + e))
+
+            def sums(t):
+                xw = x_words(t, b.mul(blk, const(QK // 2)))
+                p = None
+                for wv, j in pairs:
+                    prod = b.call(maddwd, [wv, xw(j, _V(_i16, 2 * R))])
+                    p = prod if p is None else b.add(p, prod)
+                return p
+
+            return sums
+
+        def transposed_block(blk, u):
+            """Block blk for every token, the weights transposed; its scales in scratch slots u, 8 + u."""
+            sums = (q4_1_sums if fmt == "q4_1" else q8_m_sums)(blk)
+            dv, mv = b.load(scale_slot(u)), b.load(scale_slot(b.add(u, const(8))))
+            with cgutils.for_range(b, T) as tl:
+                accumulate(tl.index, blk, sums(tl.index), dv, mv)
+
+        def q4_1_row_sums(rp, base, xrow):
+            """<8 x i32>: one Q4_1 row's block sums for blocks base .. base+7 (one token): per pair of blocks, the
             packed bytes' low and high nibbles against the paired activations (vpmaddubsw); vphaddw twice adds
             neighbours within 128-bit halves, leaving each block's 32 products in two int16 lanes (<= 4 * 7620
             < 2^15), vpmaddwd adds those."""
@@ -1141,6 +1061,26 @@ def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
                 _V(_i32, 8), [0, 4, 1, 5, 2, 6, 3, 7]
             )  # vphaddw leaves blocks 0 2 4 6 1 3 5 7
             return b.shuffle_vector(b.call(maddwd, [h, ones]), ir.Constant(ity, None), order)
+
+        def q8_m_row_sums(rp, base, xrow):
+            """<8 x i32>: one Q8_M row's block sums for blocks base .. base+7 (one token): per block the 32
+            weights widened to int16 against the activations (vpmaddwd); the 8 blocks' 8 partial sums added
+            across by vphaddd within 128-bit halves, then the halves added."""
+            parts = []
+            for u in range(8):
+                off = b.mul(b.add(base, const(u)), const(QK))
+                w = _load_vec(b, rp, off, bty, 1)
+                halves = [b.zext(b.shuffle_vector(w, w, ir.Constant(_V(_i32, 16), list(range(h, h + 16)))),
+                                 _V(_i16, 16)) for h in (0, 16)]  # fmt: skip
+                xs = [_load_vec(b, xrow, b.add(off, const(h)), _V(_i16, 16), 2) for h in (0, 16)]
+                parts.append(b.add(b.call(maddwd, [halves[0], xs[0]]), b.call(maddwd, [halves[1], xs[1]])))
+            quads = [b.call(phaddd, [parts[2 * i], parts[2 * i + 1]]) for i in range(4)]
+            a, c = b.call(phaddd, quads[:2]), b.call(phaddd, quads[2:])  # blocks 0-3 | 0-3, 4-7 | 4-7
+            lo = b.shuffle_vector(a, c, ir.Constant(_V(_i32, 8), [0, 1, 2, 3, 8, 9, 10, 11]))
+            hi = b.shuffle_vector(a, c, ir.Constant(_V(_i32, 8), [4, 5, 6, 7, 12, 13, 14, 15]))
+            return b.add(lo, hi)
+
+        row_sums = q4_1_row_sums if fmt == "q4_1" else q8_m_row_sums
 
         with cgutils.for_range(b, T) as loop:  # out is the accumulator
             b.store(ir.Constant(fty, [0.0] * R), out_ptr(loop.index), align=4)
@@ -1172,7 +1112,9 @@ def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
                     ]  # fmt: skip
                     for k, col in enumerate(_transpose_8x8_i16(b, both)):
                         for h in (0, 1):
-                            half = b.shuffle_vector(col, col, ir.Constant(_V(_i32, 8), list(range(8 * h, 8 * h + 8))))
+                            half = b.shuffle_vector(
+                                col, col, ir.Constant(_V(_i32, 8), list(range(8 * h, 8 * h + 8)))
+                            )
                             b.store(_halves_to_f32(b, half), scale_slot(const(8 * h + k)))
                     with cgutils.for_range(b, const(8)) as inner:
                         transposed_block(b.add(base, inner.index), inner.index)
@@ -1187,7 +1129,37 @@ def _rows_q4_1_xq(typingctx, out, xq, dx, sx, qs, d, m, i0):
             transposed_block(blk, u)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+def _rows_xq_typer(fmt, xq_dtype):
+    def typer(typingctx, out, xq, dx, sx, qs, d, m, i0):
+        pairs = [(out, types.float32), (xq, xq_dtype), (dx, types.float32), (sx, types.float32),
+                 (qs, types.uint8), (d, types.uint16), (m, types.uint16)]  # fmt: skip
+        _check_types(f"_rows_{fmt}_xq", pairs)
+        return types.void(out, xq, dx, sx, qs, d, m, types.intp), _rows_xq_codegen(fmt)
+
+    typer.__doc__ = _ROWS_XQ_DOC.format(fmt=fmt)
+    return typer
+
+
+_ROWS_XQ_DOC = """`_rows_{fmt}_xq(out, xq, dx, sx, qs, d, m, i0)` (AVX2):
+    out[t, i0 + l] = sum_b d[i0+l, b] * dx[t, b] * sum_j q[i0+l, 32b+j] * xq[t, 32b+j] + m[i0+l, b] * sx[t, b]
+    for l < XQ_ROWS and every token t. Q4_1: int8 xq in the pair-interleaved order of
+    quantize_activations_paired; Q8_M: int16 xq in natural order.
+    out[t, i0..] += each block's contribution sum * (d * dx) + m * sx, block after block; every contribution
+    elementwise, so that the two ways below give the same bits, and every token's operations are the same
+    whatever the others (results do not depend on the batch). The block sums are exact integers:
+    - several tokens: the rows in the vector lanes. A block's bytes of the 8 rows are transposed into dword
+      columns (as in `_few_rows_*`) and unpacked once for all the tokens (Q4_1: nibbles, 8 vpmaddubsw per
+      token against broadcast activation dwords, int16 sums <= 8 * 2 * 15 * 127 < 2^15; Q8_M: int16 pairs,
+      16 vpmaddwd per token); the scales and mins transposed 8 blocks at a time;
+    - one token (transposing the weights for a single token cost ~30% more): 8 blocks of each row as in a
+      row dot, the blocks in the lanes, their contributions computed there with contiguous scales, then
+      the 8 rows' contributions transposed.
+    Blocks past the last whole 8 go the first way."""
+_rows_q4_1_xq = intrinsic(_rows_xq_typer("q4_1", types.int8))
+_rows_q8_m_xq = intrinsic(_rows_xq_typer("q8_m", types.int16))
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
@@ -1354,8 +1326,8 @@ def matmul_q4_1_xq_portable(out, x, qs, d, m):
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
-def matmul_q8_m_xq(out, x, qs, d, m):
-    """out ~= x @ dequant(qs, d, m).T with int16-quantized activations (AVX2 when available)."""
+def _matmul_q8_m_xq_rows(out, x, qs, d, m):
+    """`matmul_q8_m_xq` on AVX2: XQ_ROWS rows a call of the rows-in-lanes kernel, every token."""
     N, nb = d.shape
     _check(out, x, N, nb)
     T, K = x.shape
@@ -1363,19 +1335,15 @@ def matmul_q8_m_xq(out, x, qs, d, m):
     dx = np.empty((T, nb), np.float32)
     sx = np.empty((T, nb), np.float32)
     quantize_activations_i16(xq, dx, sx, x)
-    if T < NTOK:
-        for i in prange(N):
+    if N < XQ_ROWS:  # fewer rows than a call takes: the portable dots
+        for i in range(N):
             for t in range(T):
-                out[t, i] = _dot_q8m(qs, d, m, i, xq, dx, sx, t)
-    else:
-        T4 = T - T % NTOK
-        for i in prange(N):
-            for t in range(0, T4, NTOK):
-                out[t, i], out[t + 1, i], out[t + 2, i], out[t + 3, i] = _dot_q8m_x4(
-                    qs, d, m, i, xq, dx, sx, t
-                )
-            for t in range(T4, T):
-                out[t, i] = _dot_q8m(qs, d, m, i, xq, dx, sx, t)
+                out[t, i] = _dot_q8m_portable(qs, d, m, i, xq, dx, sx, t)
+        return
+    for g in prange(N // XQ_ROWS):
+        _rows_q8_m_xq(out, xq, dx, sx, qs, d, m, XQ_ROWS * g)
+    if N % XQ_ROWS:  # the last rows again, overlapping the last call's: the same values
+        _rows_q8_m_xq(out, xq, dx, sx, qs, d, m, N - XQ_ROWS)
 
 
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
@@ -1395,3 +1363,5 @@ def matmul_q8_m_xq_portable(out, x, qs, d, m):
 
 # out ~= x @ dequant(qs, d, m).T with int8-quantized activations (Q4_1 weights: the q4 format's layers).
 matmul_q4_1_xq = _matmul_q4_1_xq_rows if HAVE_AVX2 else matmul_q4_1_xq_portable
+# ... and with Q8_M weights (the int8 format, every LM head), int16-quantized activations.
+matmul_q8_m_xq = _matmul_q8_m_xq_rows if HAVE_AVX2 else matmul_q8_m_xq_portable

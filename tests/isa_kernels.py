@@ -38,8 +38,9 @@ def main(expected: str) -> None:
     for kind in ("Q8_0", "Q4_1", "Q8_M"):
         for t, n, k in [(1, 7, 32), (5, 7, 544), (5, 9, 576), (1, 64, 576)]:
             check_kernels(kind, t, n, k, seed=t * 10000 + n * 100 + k)
-    for n, k in [(13, 544), (29, 576)]:  # Q4_1's one-token and several-token sums agree bit for bit
-        test_int8_path_results_do_not_depend_on_the_batch("Q4_1", n, k)
+    for kind in ("Q4_1", "Q8_M"):  # the one-token and several-token ways agree bit for bit
+        for n, k in [(13, 544), (29, 576)]:
+            test_int8_path_results_do_not_depend_on_the_batch(kind, n, k)
     for kind in ("Q8_0", "Q4_1", "Q8_M"):  # the float-activation path's two micro-kernels agree bit for bit
         test_a_prompt_tokens_sums_do_not_depend_on_how_many_tokens_share_the_call(kind)
     # Attention over a float16 KV cache: F16C conversions on avx2, integer ones on portable.
@@ -58,13 +59,18 @@ def main(expected: str) -> None:
     asm = q4.inspect_asm(q4.signatures[0])
     assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
     assert ("vpmaddubsw" in asm) == (expected == "avx2")
-    # and for the Q8_M row dot (uint8 weights widened to int16, times int16 activations)
-    one_row = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q8m(qs, d, m, 0, xq, dx, sx, 0))
-    w8 = quantize_q8_m(np.ones((1, 64), np.float32))
-    one_row(w8.qs, w8.d, w8.m, np.ones((1, 64), np.int16), dx, dx)
-    asm = one_row.inspect_asm(one_row.signatures[0])
+    # and for Q8_M's (uint8 weights widened to int16, times int16 activations: vpmaddwd)
+    x16 = np.ones((1, 64), np.int16)
+    if expected == "avx2":
+        q8m = numba.njit(lambda qs, d, m, xq, dx, sx: kq._rows_q8_m_xq(np.empty((1, 8), np.float32), xq, dx, sx,
+                                                                       qs, d, m, 0))  # fmt: skip
+        q8m(*quantize_q8_m(np.ones((8, 64), np.float32)).blocks, x16, dx, dx)
+    else:
+        q8m = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q8m_portable(qs, d, m, 0, xq, dx, sx, 0))
+        q8m(*quantize_q8_m(np.ones((1, 64), np.float32)).blocks, x16, dx, dx)
+    asm = q8m.inspect_asm(q8m.signatures[0])
     assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
-    assert ("vpmaddwd" in asm and "vpmovzxbw" in asm) == (expected == "avx2")
+    assert ("vpmaddwd" in asm) == (expected == "avx2")
     # and for the prompt path's rows-in-lanes kernel (one vpshufb per weight element), on AVX2 only
     if expected == "avx2":
         rows = numba.njit(lambda out, x, qs, d, m: kq._few_rows_q4_1(out, x, qs, d, m, 0, 0))

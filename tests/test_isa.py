@@ -25,6 +25,7 @@ def test_native_target_is_what_numba_compiles_for():
     assert (quant._dot_q8 is quant._dot_q8_avx2) == t.avx2
     assert (quant._dot_q8_x4 is quant._dot_q8_avx2_x4) == t.avx2
     assert (quant.matmul_q4_1_xq is quant._matmul_q4_1_xq_rows) == t.avx2
+    assert (quant.matmul_q8_m_xq is quant._matmul_q8_m_xq_rows) == t.avx2
 
 
 @pytest.mark.skipif(not X86, reason="AVX2 and x86-64-v2 targets exist only on x86-64 hosts")

@@ -290,9 +290,9 @@ def test_decode_path_really_quantizes_activations(kind):
 @pytest.mark.parametrize("n, k", [(37, 96), (13, 544), (29, 576), (3, 32), (11, 1504)])
 def test_int8_path_results_do_not_depend_on_the_batch(kind, n, k):
     """Every token's output must be bit for bit what a T=1 call gives, whatever else is in its call (the
-    engine's batch independence): Q8_0 and Q8_M take tokens 4 at a time plus a 1-token remainder; Q4_1's
-    AVX2 kernel finds a block's integer sums one way for one token and another for several (k = 544, 576,
-    1504: blocks in 8s and after them), and N not a multiple of its 8 rows redoes the last rows."""
+    engine's batch independence): Q8_0 takes tokens 4 at a time plus a 1-token remainder; the AVX2 kernels
+    of Q4_1 and Q8_M work one way for one token and another for several (k = 544, 576, 1504: blocks in 8s
+    and after them), and N not a multiple of their 8 rows redoes the last rows."""
     rng = np.random.default_rng(n * 1000 + k)
     w = QUANTIZERS[kind][0](weight(rng, n, k))
     x = activations(rng, 13, k)
@@ -310,25 +310,21 @@ def test_int8_path_results_do_not_depend_on_the_batch(kind, n, k):
             np.testing.assert_array_equal(part, single[t0:])
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q8_M"])
-def test_portable_4_token_dot_matches_1_token_dot(kind):
-    """The portable 4-token dot (what non-AVX2 hosts run for groups of 4) against the portable 1-token one
-    (Q4_1 has no 4-token dot: its AVX2 kernel takes every token at once, its portable one token by token)."""
+def test_portable_4_token_dot_matches_1_token_dot():
+    """The portable 4-token Q8_0 dot (what non-AVX2 hosts run for groups of 4) against the portable 1-token
+    one (Q4_1 and Q8_M have no 4-token dot: their AVX2 kernels take every token at once, their portable ones
+    one token at a time)."""
     rng = np.random.default_rng(3)
     n, k, T = 5, 544, 6
-    w = QUANTIZERS[kind][0](weight(rng, n, k))
+    w = QUANTIZERS["Q8_0"][0](weight(rng, n, k))
     x = activations(rng, T, k)
-    xq = np.empty((T, k), np.int16 if kind == "Q8_M" else np.int8)
+    xq = np.empty((T, k), np.int8)
     dx, sx = np.empty((T, k // 32), np.float32), np.empty((T, k // 32), np.float32)
-    (kq.quantize_activations_i16 if kind == "Q8_M" else kq.quantize_activations)(xq, dx, sx, x)
+    kq.quantize_activations(xq, dx, sx, x)
     for i in range(n):
         for t in range(T - 3):
-            if kind == "Q8_M":
-                got = kq._dot_q8m_portable_x4(w.qs, w.d, w.m, i, xq, dx, sx, t)
-                want = [kq._dot_q8m_portable(w.qs, w.d, w.m, i, xq, dx, sx, t + j) for j in range(4)]
-            else:
-                got = kq._dot_q8_portable_x4(w.qs, w.d, i, xq, dx, t)
-                want = [kq._dot_q8_portable(w.qs, w.d, i, xq, dx, t + j) for j in range(4)]
+            got = kq._dot_q8_portable_x4(w.qs, w.d, i, xq, dx, t)
+            want = [kq._dot_q8_portable(w.qs, w.d, i, xq, dx, t + j) for j in range(4)]
             np.testing.assert_array_equal(np.array(got, np.float32), np.array(want, np.float32))
 
 
