@@ -382,14 +382,13 @@ def test_one_compilation_per_kernel():
     check_kernels("Q8_0", 2, 8, 64, seed=1)
     check_kernels("Q4_1", 1, 8, 64, seed=1)
     check_kernels("Q8_M", 1, 8, 64, seed=1)
-    kernels = [
-        *KERNELS["Q8_0"],
-        *KERNELS["Q4_1"],
-        *KERNELS["Q8_M"],
-        kq.quantize_activations,
-        kq.quantize_activations_paired,
-    ]
-    kernels.append(kq.quantize_activations_i16)
+    x = activations(np.random.default_rng(1), 2, 64)  # the activation quantizers, called as the kernels do
+    dx, sx = np.empty((2, 2), np.float32), np.empty((2, 2), np.float32)
+    quantizers = [(kq.quantize_activations, np.int8), (kq.quantize_activations_paired, np.int8),
+                  (kq.quantize_activations_i16, np.int16)]  # fmt: skip
+    for quantize, dtype in quantizers:
+        quantize(np.empty((2, 64), dtype), dx, sx, x)
+    kernels = [*KERNELS["Q8_0"], *KERNELS["Q4_1"], *KERNELS["Q8_M"], *(q for q, _ in quantizers)]
     assert {k.py_func.__name__: len(k.signatures) for k in kernels} == {
         k.py_func.__name__: 1 for k in kernels
     }
