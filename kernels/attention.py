@@ -246,6 +246,76 @@ def _work_items(tiles, positions, chunk, decode_tokens):
     return items, offsets
 
 
+VALUE_PASS = 64  # value dimensions summed a pass of `_weighted_values`: 8 vector accumulators (AVX2)
+
+
+@intrinsic
+def _weighted_values(typingctx, parts, scores, v_cache, table, g, r, c0, c1):
+    """parts[g, r, 2 + i] = sum_{c0 <= j < c1} scores[g, r, j - c0] * v(j)[g, i] for every i < Dh, j in order
+    (one fma per term, from 0): the values of cached positions c0 .. c1-1 (v_cache[table[j // BS], j % BS]),
+    weighted. The sums stay in vector registers for VALUE_PASS dimensions at a time, each value row read and
+    converted once per pass: the Numba loop it replaces loaded and stored its 64 sums at every position.
+    parts: [Hkv, rows, 2 + Dh]; scores: [Hkv, rows, >= c1 - c0]; v_cache: [NB, BS, Hkv, Dh] float32 or float16
+    bits (uint16); table: [>= blocks] int32. Dh a multiple of VALUE_PASS."""
+    for name, ty, dtypes, ndim in (("parts", parts, (types.float32,), 3), ("scores", scores, (types.float32,), 3),
+                                   ("v_cache", v_cache, (types.float32, types.uint16), 4),
+                                   ("table", table, (types.int32,), 1)):  # fmt: skip
+        if not (isinstance(ty, types.Array) and ty.dtype in dtypes and ty.ndim == ndim and ty.layout == "C"):
+            raise TypingError(f"_weighted_values: {name} must be a C-contiguous {ndim}-D {dtypes[0]} array")
+    half = v_cache.dtype == types.uint16
+    sig = types.void(parts, scores, v_cache, table, types.intp, types.intp, types.intp, types.intp)
+    f8 = ir.VectorType(ir.FloatType(), 8)
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        arrays = [context.make_array(ty)(context, b, a) for ty, a in zip(sig.args[:4], args[:4], strict=True)]
+        pa, sc, vc, tb = arrays
+        g, r, c0, c1 = args[4:]
+        ity = g.type
+
+        def const(v):
+            return ir.Constant(ity, v)
+
+        rows, width = cgutils.unpack_tuple(b, pa.shape, 3)[1:]
+        span = cgutils.unpack_tuple(b, sc.shape, 3)[2]
+        _, bs, n_kv, dh = cgutils.unpack_tuple(b, vc.shape, 4)
+        prow = b.gep(pa.data, [b.add(b.mul(b.add(b.mul(g, rows), r), width), const(2))])
+        srow = b.gep(sc.data, [b.mul(b.add(b.mul(g, rows), r), span)])
+        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(f8, [f8] * 3), "llvm.fma.v8f32")
+        vty = ir.VectorType(ir.IntType(16) if half else ir.FloatType(), 8)
+        with cgutils.for_range(b, b.udiv(dh, const(VALUE_PASS))) as passes:
+            d0 = b.mul(passes.index, const(VALUE_PASS))
+            accs = [cgutils.alloca_once_value(b, ir.Constant(f8, [0.0] * 8)) for _ in range(VALUE_PASS // 8)]
+            first_blk, last_blk = b.sdiv(c0, bs), b.sdiv(b.sub(c1, const(1)), bs)
+            with cgutils.for_range_slice(b, first_blk, b.add(last_blk, const(1)), const(1)) as (blk, _):
+                block = b.sext(b.load(b.gep(tb.data, [blk])), ity)
+                start = b.sub(c0, b.mul(blk, bs))
+                end = b.sub(c1, b.mul(blk, bs))
+                zero = const(0)
+                lo = b.select(b.icmp_signed(">", start, zero), start, zero)
+                hi = b.select(b.icmp_signed("<", end, bs), end, bs)
+                with cgutils.for_range_slice(b, lo, hi, const(1)) as (o, _):
+                    j = b.add(b.mul(blk, bs), o)
+                    w = b.load(b.gep(srow, [b.sub(j, c0)]))
+                    wv = b.shuffle_vector(
+                        b.insert_element(ir.Constant(f8, None), w, ir.Constant(ir.IntType(32), 0)),
+                        ir.Constant(f8, None), ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8),
+                    )  # fmt: skip
+                    base = b.add(b.mul(b.add(b.mul(block, bs), o), b.mul(n_kv, dh)), b.add(b.mul(g, dh), d0))
+                    vrow = b.gep(vc.data, [base])
+                    for k, acc in enumerate(accs):
+                        ptr = b.bitcast(b.gep(vrow, [const(8 * k)]), vty.as_pointer())
+                        v = b.load(ptr, align=2 if half else 4)
+                        v = b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), 8)), f8) if half else v
+                        b.store(b.call(fma, [wv, v, b.load(acc)]), acc)
+            for k, acc in enumerate(accs):
+                dst = b.bitcast(b.gep(prow, [b.add(d0, const(8 * k))]), f8.as_pointer())
+                b.store(b.load(acc), dst, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _chunk_softmax(parts, q, scores, k_cache, v_cache, table, first, group, c0, c1):
     """Partial attention of the tile's rows over cached positions c0 .. c1-1, for every kv head g: per row r,
@@ -285,6 +355,13 @@ def _chunk_softmax(parts, q, scores, k_cache, v_cache, table, first, group, c0, 
                 total += e
             parts[g, r, 0] = m
             parts[g, r, 1] = total
+    if HAVE_F16C and head_dim % VALUE_PASS == 0 and first + 1 >= c1:
+        # every row sees every position of the chunk (a decode token's tile): the sums in vector registers
+        for g in range(n_kv):
+            for r in range(rows):
+                if min(c1, first + r // group + 1) > c0:
+                    _weighted_values(parts, scores, v_cache, table, g, r, c0, c1)
+        return
     for blk in range(c0 // block_size, (c1 - 1) // block_size + 1):
         b = table[blk]
         for o in range(max(c0 - blk * block_size, 0), min(c1 - blk * block_size, block_size)):
