@@ -154,8 +154,7 @@ def _load_vec(builder, ptr, offset, vty, align):
 
 def _halfn_to_f32(builder, ptr, offset, n):
     """Load n consecutive fp16 (uint16) values and widen them to <n x float> (one vcvtph2ps)."""
-    h = _load_vec(builder, ptr, offset, _V(_i16, n), 2)
-    return builder.fpext(builder.bitcast(h, _V(ir.HalfType(), n)), _V(_f32, n))
+    return _halves_to_f32(builder, _load_vec(builder, ptr, offset, _V(_i16, n), 2))
 
 
 def _half_to_f32(builder, ptr, offset):
@@ -881,6 +880,7 @@ def _transpose_8x8_i16(builder, rows):
 
 
 def _halves_to_f32(builder, h):
+    """A vector of fp16 bits (<n x i16>) as <n x float>."""
     return builder.fpext(builder.bitcast(h, _V(ir.HalfType(), h.type.count)), _V(_f32, h.type.count))
 
 

@@ -23,9 +23,12 @@ from nextword.kernels import quant as kq
 from nextword.weights.quantize import quantize_q4_1, quantize_q8_m
 
 
-def kq_inputs():
-    w = quantize_q4_1(np.ones((1, 64), np.float32))
-    return w, np.ones((1, 64), np.int8), np.ones((1, 2), np.float32)
+def compiled_asm(kernel, args) -> str:
+    """The assembly of njit `kernel` compiled for `args`; it must hold no AVX-512 instruction."""
+    kernel(*args)
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
+    return asm
 
 
 def main(expected: str) -> None:
@@ -46,39 +49,30 @@ def main(expected: str) -> None:
     # Attention over a float16 KV cache: F16C conversions on avx2, integer ones on portable.
     for chunk in (256, 5):
         test_paged_attention_ragged_batch(9, 3, 64, 16, chunk, "f16")
-    # What LLVM emitted for the Q4_1 decode kernel this target runs (compiled afresh: cached code has no
-    # assembly): the rows-in-lanes kernel on AVX2, the portable row dot elsewhere.
-    w, xq, dx = kq_inputs()
-    if expected == "avx2":
-        q4 = numba.njit(lambda qs, d, m, xq, dx, sx: kq._rows_q4_1_xq(np.empty((1, 8), np.float32), xq, dx, sx,
-                                                                      qs, d, m, 0))  # fmt: skip
-        q4(*quantize_q4_1(np.ones((8, 64), np.float32)).blocks, xq, dx, dx)
-    else:
-        q4 = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q4_portable(qs, d, m, 0, xq, dx, sx, 0))
-        q4(w.qs, w.d, w.m, xq, dx, dx)
-    asm = q4.inspect_asm(q4.signatures[0])
-    assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
-    assert ("vpmaddubsw" in asm) == (expected == "avx2")
-    # and for Q8_M's (uint8 weights widened to int16, times int16 activations: vpmaddwd)
-    x16 = np.ones((1, 64), np.int16)
-    if expected == "avx2":
-        q8m = numba.njit(lambda qs, d, m, xq, dx, sx: kq._rows_q8_m_xq(np.empty((1, 8), np.float32), xq, dx, sx,
-                                                                       qs, d, m, 0))  # fmt: skip
-        q8m(*quantize_q8_m(np.ones((8, 64), np.float32)).blocks, x16, dx, dx)
-    else:
-        q8m = numba.njit(lambda qs, d, m, xq, dx, sx: kq._dot_q8m_portable(qs, d, m, 0, xq, dx, sx, 0))
-        q8m(*quantize_q8_m(np.ones((1, 64), np.float32)).blocks, x16, dx, dx)
-    asm = q8m.inspect_asm(q8m.signatures[0])
-    assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
-    assert ("vpmaddwd" in asm) == (expected == "avx2")
-    # and for the prompt path's rows-in-lanes kernel (one vpshufb per weight element), on AVX2 only
-    if expected == "avx2":
+    # What LLVM emitted for the kernels this target runs (compiled afresh: cached code has no assembly): the
+    # decode kernels (rows in the lanes on AVX2, the portable row dots elsewhere), Q4_1's with vpmaddubsw and
+    # Q8_M's (uint8 weights widened to int16, times int16 activations) with vpmaddwd; and on AVX2 the prompt
+    # path's rows-in-lanes kernel, one vpshufb per weight element.
+    avx2 = expected == "avx2"
+    dx = np.ones((1, 2), np.float32)
+    for fmt, quantize, xdtype, instruction in (("q4_1", quantize_q4_1, np.int8, "vpmaddubsw"),
+                                               ("q8_m", quantize_q8_m, np.int16, "vpmaddwd")):  # fmt: skip
+        w = quantize(np.ones((8, 64), np.float32))
+        if avx2:
+            rows_xq = getattr(kq, f"_rows_{fmt}_xq")
+            kernel = numba.njit(lambda out, xq, dx, sx, qs, d, m, k=rows_xq: k(out, xq, dx, sx, qs, d, m, 0))
+            args = (np.empty((1, 8), np.float32), np.ones((1, 64), xdtype), dx, dx, *w.blocks)
+        else:
+            dot = kq._dot_q4_portable if fmt == "q4_1" else kq._dot_q8m_portable
+            kernel = numba.njit(lambda qs, d, m, xq, dx, sx, k=dot: k(qs, d, m, 0, xq, dx, sx, 0))
+            args = (*w.blocks, np.ones((1, 64), xdtype), dx, dx)
+        assert (instruction in compiled_asm(kernel, args)) == avx2, fmt
+    if avx2:
         rows = numba.njit(lambda out, x, qs, d, m: kq._few_rows_q4_1(out, x, qs, d, m, 0, 0))
         w = quantize_q4_1(np.ones((4 * kq.LANES, 64), np.float32))
-        rows(np.empty((1, 4 * kq.LANES), np.float32), np.ones((1, 64), np.float32), w.qs, w.d, w.m)
-        asm = rows.inspect_asm(rows.signatures[0])
-        assert not isa.uses_avx512(asm), "AVX-512 instructions in code compiled for an AVX2-only CPU"
-        assert "vpshufb" in asm
+        assert "vpshufb" in compiled_asm(
+            rows, (np.empty((1, 4 * kq.LANES), np.float32), np.ones((1, 64), np.float32), *w.blocks)
+        )
     print(f"ok: {target}")
 
 
