@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import json
 import operator
 import os
@@ -94,6 +95,10 @@ DEFAULT_OPTIONS = {
     "grpc.max_receive_message_length": 64 << 20,  # a full-vocabulary distribution is 4 bytes per token
     "grpc.service_config": json.dumps(SERVICE_CONFIG),
 }
+# A unary call cut off by its replica's death (the connection reset after the request went out, before any
+# response: "Stream removed") fails UNAVAILABLE without the retry policy sending it again. It changed nothing
+# on any server (every unary RPC is read-only), so the client sends it again, at most this many times.
+RESENDS_AFTER_RESET = 2
 MAX_RECONNECTS = 3  # a Session's new streams in a row that fail before their first event: then it fails
 RECONNECT_BACKOFF_S = 0.2  # before the n-th of them: n times this
 SAMPLING_FIELDS = frozenset(pb.SamplingParams.DESCRIPTOR.fields_by_name)
@@ -105,6 +110,15 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+def _cut_off(e: grpc.RpcError, attempt: int) -> bool:
+    """Whether a failed unary call should be sent again: its connection reset before any response."""
+    return (
+        attempt < RESENDS_AFTER_RESET
+        and e.code() == grpc.StatusCode.UNAVAILABLE
+        and "Stream removed" in (e.details() or "")
+    )
 
 
 def _health_request(service: str) -> bytes:
@@ -380,10 +394,12 @@ class Client(_ClientBase):
             channel.close()
 
     def _call(self, method, request, timeout: float | None, **kwargs):
-        try:
-            return method(request, timeout=self._deadline(timeout), **kwargs)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        for attempt in itertools.count():
+            try:
+                return method(request, timeout=self._deadline(timeout), **kwargs)
+            except grpc.RpcError as e:
+                if not _cut_off(e, attempt):
+                    raise from_rpc_error(e) from None
 
     def generate(
         self,
@@ -596,10 +612,12 @@ class AsyncClient(_ClientBase):
         await asyncio.gather(*(channel.close() for channel in self._channels()))
 
     async def _call(self, method, request, timeout: float | None, **kwargs):
-        try:
-            return await method(request, timeout=self._deadline(timeout), **kwargs)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        for attempt in itertools.count():
+            try:
+                return await method(request, timeout=self._deadline(timeout), **kwargs)
+            except grpc.RpcError as e:
+                if not _cut_off(e, attempt):
+                    raise from_rpc_error(e) from None
 
     def generate(
         self,
@@ -662,12 +680,14 @@ class AsyncClient(_ClientBase):
             max_time_ms=max_time_ms,
             max_lines=max_lines,
         )
-        call = self._stub.Complete(request, timeout=self._deadline(timeout))
-        try:
-            response = await call
-            return Completion.from_pb(response, replica_of(await call.initial_metadata()))
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+        for attempt in itertools.count():
+            call = self._stub.Complete(request, timeout=self._deadline(timeout))
+            try:
+                response = await call
+                return Completion.from_pb(response, replica_of(await call.initial_metadata()))
+            except grpc.RpcError as e:
+                if not _cut_off(e, attempt):
+                    raise from_rpc_error(e) from None
 
     def session(self, *, timeout: float | None = None) -> AsyncSession:
         """See `Client.session`: the Session RPC on this loop (`async with c.session() as s:`). A reader task

@@ -136,8 +136,8 @@ def test_session_resumes_on_another_replica_when_its_replica_is_killed(replicas)
 def test_drain_and_kill_during_load(replicas):
     """A closed loop of unary calls and streams over 3 replicas; one is drained (SIGTERM), then one is killed
     (SIGKILL) while streams run on it. Every unary call succeeds (the retry policy sends a call that found a
-    replica gone to another one); the streams that were running on the killed replica end UNAVAILABLE;
-    nothing else fails."""
+    replica gone to another one, and the client sends again one cut off by the kill); the streams that were
+    running on the killed replica end UNAVAILABLE; nothing else fails."""
     drained, killed, survivor = replicas
 
     async def scenario():
@@ -156,11 +156,12 @@ def test_drain_and_kill_during_load(replicas):
 
             async def stream_worker():
                 while not stop.is_set():
-                    rec = {"replica": "", "end": None}
+                    rec = {"replica": "", "end": None, "events": 0}
                     streams.append(rec)
                     try:
                         async for e in c.generate("Once upon a time", max_new_tokens=64, ignore_eos=True):
                             rec["replica"] = e.replica
+                            rec["events"] += 1
                         rec["end"] = "OK"
                     except NextwordError as e:
                         rec["end"] = e.code_name
@@ -180,7 +181,10 @@ def test_drain_and_kill_during_load(replicas):
                 await until(lambda: not drained.alive, "the drained replica exited")
                 while True:  # freeze the victim with streams in flight on it, then kill it
                     killed.signal(signal.SIGSTOP)
-                    if any(r["replica"] == killed.name and r["end"] is None for r in streams):
+                    # early in their 64 tokens: a stream read to its last tokens may have been sent whole
+                    if any(
+                        r["replica"] == killed.name and r["end"] is None and r["events"] < 16 for r in streams
+                    ):
                         break
                     killed.signal(signal.SIGCONT)
                     await asyncio.sleep(0.01)
@@ -199,5 +203,5 @@ def test_drain_and_kill_during_load(replicas):
     assert drained.proc.returncode == 0  # the drain finished its streams within the grace period and exited
     assert {outcome for outcome, _ in unary} == {"OK"}
     failed = [r for r in streams if r["end"] != "OK"]
-    assert failed and all(r == {"replica": killed.name, "end": "UNAVAILABLE"} for r in failed), failed
+    assert failed and all((r["replica"], r["end"]) == (killed.name, "UNAVAILABLE") for r in failed), failed
     assert {r["replica"] for r in streams[-6:]} == {survivor.name}
