@@ -746,12 +746,6 @@ def _few_rows_codegen(fmt, nt):
             w = _strict(b.fmul(qf, s))
             return _strict(b.fadd(w, mn)) if has_min else w
 
-        def scales(ptrs, blk):  # the LANES rows' fp16 scales of block blk, as floats
-            h = ir.Constant(_V(_i16, LANES), None)
-            for r, p in enumerate(ptrs):
-                h = b.insert_element(h, b.load(b.gep(p, [blk])), ir.Constant(_i32, r))
-            return b.fpext(b.bitcast(h, _V(ir.HalfType(), LANES)), vty)
-
         def columns(ptrs, off, g):  # the 16 bytes at off of each row as dword columns, in k order
             cols = _dword_columns(b, [_load_vec(b, p, off, _V(_i32, 4), 1) for p in ptrs])
             if fmt != "q4_1":
@@ -792,7 +786,8 @@ def _few_rows_codegen(fmt, nt):
                 blk = loop.index
                 if first == 0:
                     prefetch_next_rows(blk)
-                sc = [[scales(ptrs[1], blk), scales(ptrs[2], blk) if has_min else None] for ptrs in vecs]
+                sc = [[_gather_halves(b, ptrs[1], blk), _gather_halves(b, ptrs[2], blk) if has_min else None]
+                      for ptrs in vecs]  # fmt: skip
                 for g in range(row_bytes // 16):
                     off = b.add(b.mul(blk, const(row_bytes)), const(16 * g))
                     order = [columns(ptrs[0], off, g) for ptrs in vecs]
@@ -882,6 +877,15 @@ def _transpose_8x8_i16(builder, rows):
 def _halves_to_f32(builder, h):
     """A vector of fp16 bits (<n x i16>) as <n x float>."""
     return builder.fpext(builder.bitcast(h, _V(ir.HalfType(), h.type.count)), _V(_f32, h.type.count))
+
+
+def _gather_halves(builder, ptrs, idx):
+    """Element idx of each fp16 (uint16) row at ptrs, as <len(ptrs) x float>: one row in each lane (the
+    scales of a block of rows, stored row by row)."""
+    h = ir.Constant(_V(_i16, len(ptrs)), None)
+    for r, p in enumerate(ptrs):
+        h = builder.insert_element(h, builder.load(builder.gep(p, [idx])), ir.Constant(_i32, r))
+    return _halves_to_f32(builder, h)
 
 
 XQ_ROWS = 8  # weight rows a call of the rows-in-lanes decode kernel: one int32 lane each of a 256-bit vector
@@ -1122,10 +1126,7 @@ def _rows_xq_codegen(fmt):
             prefetch(blk, 1)
             u = b.and_(blk, const(7))
             for h, ptrs in enumerate((dp, mp)):
-                v = ir.Constant(_V(_i16, R), None)
-                for r, p in enumerate(ptrs):
-                    v = b.insert_element(v, b.load(b.gep(p, [blk])), ir.Constant(_i32, r))
-                b.store(_halves_to_f32(b, v), scale_slot(b.add(const(8 * h), u)))
+                b.store(_gather_halves(b, ptrs, blk), scale_slot(b.add(const(8 * h), u)))
             transposed_block(blk, u)
         return context.get_dummy_value()
 
