@@ -246,6 +246,35 @@ def _work_items(tiles, positions, chunk, decode_tokens):
     return items, offsets
 
 
+@intrinsic
+def _prefetch_block(typingctx, cache, blk):
+    """Software prefetch of every cache line of block `blk` of a KV cache [NB, BS, Hkv, Dh] (one contiguous
+    run of BS * Hkv * Dh entries), so that a block's lines stream in while the one before is computed on."""
+    if not (isinstance(cache, types.Array) and cache.ndim == 4 and cache.layout == "C"):
+        raise TypingError("_prefetch_block: cache must be a C-contiguous 4-D array")
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        arr = context.make_array(sig.args[0])(context, b, args[0])
+        _, bs, n_kv, dh = cgutils.unpack_tuple(b, arr.shape, 4)
+        ity = bs.type
+        n = b.mul(b.mul(bs, n_kv), dh)  # entries a block
+        start = b.mul(args[1], n)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        pf = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+        )
+        itemsize = context.get_abi_sizeof(context.get_data_type(sig.args[0].dtype))
+        step = ir.Constant(ity, 64 // itemsize)
+        with cgutils.for_range_slice(b, start, b.add(start, n), step) as (i, _):
+            p = b.bitcast(b.gep(arr.data, [i]), i8p)
+            b.call(pf, [p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(cache, types.intp), codegen
+
+
 VALUE_PASS = 64  # value dimensions summed a pass of `_weighted_values`: 8 vector accumulators (AVX2)
 
 
@@ -329,8 +358,12 @@ def _chunk_softmax(parts, q, scores, k_cache, v_cache, table, first, group, c0, 
             parts[g, r, 0] = np.float32(-1e30)
             for i in range(1, head_dim + 2):
                 parts[g, r, i] = np.float32(0.0)
-    for blk in range(c0 // block_size, (c1 - 1) // block_size + 1):
+    last_blk = (c1 - 1) // block_size
+    for blk in range(c0 // block_size, last_blk + 1):
         b = table[blk]
+        if blk < last_blk:
+            _prefetch_block(k_cache, table[blk + 1])
+        _prefetch_block(v_cache, b)
         for o in range(max(c0 - blk * block_size, 0), min(c1 - blk * block_size, block_size)):
             j = blk * block_size + o
             r0 = max(j - first, 0) * group  # rows of tokens before position j do not see it
