@@ -33,6 +33,7 @@ from nextword.server.sampling import (
     Sampler,
     SamplingParams,
     TokenProb,
+    sample_rows,
     top_n_probs,
 )
 from nextword.server.tokenizer import IncrementalDecoder, Tokenizer
@@ -364,6 +365,7 @@ class Engine:
         logits = self.model.forward(self.cache, batch)
         self._measure(self.clock() - started, len(batch.token_ids))
         row = 0
+        emitting = []  # (sequence, its row of logits)
         for seq, n in scheduled:
             seq.num_cached += n
             self._register_full_blocks(seq)
@@ -371,8 +373,12 @@ class Engine:
                 self._score(seq, logits[row : row + n])
                 row += n
             elif seq.num_cached == len(seq.tokens):
-                self._emit(seq, logits[row])
+                emitting.append((seq, row))
                 row += 1
+        drawing = [(seq, r) for seq, r in emitting if seq.sampler is not None]
+        drawn = iter(sample_rows([seq.sampler for seq, _ in drawing], logits, [r for _, r in drawing]))
+        for seq, r in emitting:
+            self._emit(seq, logits[r], None if seq.sampler is None else next(drawn))
         self._running = [s for s in self._running if not s.finished]
         self.last_batch = (len(scheduled), len(batch.token_ids))
         return len(batch.token_ids)
@@ -464,7 +470,9 @@ class Engine:
             self.blocks.register(seq.blocks, new, start)
             seq.keys += new
 
-    def _emit(self, seq: Sequence, logits: np.ndarray) -> None:
+    def _emit(self, seq: Sequence, logits: np.ndarray, token: SampledToken | None) -> None:
+        """Output for a sequence whose last token's logits are ready: its distribution (no sampler), or
+        `token`, what its sampler drew from them."""
         now = self.clock()
         seq.prefilled_at = seq.prefilled_at or now
         if seq.sampler is None:
@@ -475,7 +483,6 @@ class Engine:
             self.blocks.release(seq.blocks, self._partial_tail(seq))
             self._last_output(seq, Distribution(top, logprobs[0], len(seq.prompt_ids)))
             return
-        token = seq.sampler.sample(logits)
         seq.tokens.append(token.token_id)
         seq.token_times.append(now)
         self.generated_tokens += 1

@@ -18,6 +18,7 @@ from nextword.server.sampling import (
     Sampler,
     SamplingParams,
     TokenProb,
+    sample_rows,
     top_n_probs,
 )
 
@@ -108,6 +109,48 @@ def test_greedy_ties_go_to_lowest_id():
     logits = np.array([1.0, 3.0, 3.0, 0.0], dtype=np.float32)
     assert one(logits, temperature=0.0).token_id == 1
     assert one(logits, temperature=0.0, top_k=1).token_id == 1
+
+
+def test_sample_rows_draws_what_each_sampler_draws_alone():
+    """A step's rows sampled together: the plain greedy ones through the batched kernel, the others one by
+    one; every token, probability and alternative as the sampler alone gives them, and the plain greedy
+    ones as the float64 softmax."""
+    vocab = 3000
+    logits = (np.random.default_rng(7).standard_normal((4, vocab)) * 4).astype(np.float32)
+    logits[1, [10, 2000]] = logits[1].max() + 1  # a tie: the lowest id
+    logits[2, :100] = -np.inf
+    kinds = [
+        {"temperature": 0.0},
+        {"temperature": 0.0, "top_n": 3},
+        {"temperature": 0.8, "seed": 3},
+        {"temperature": 0.0, "top_k": 5},
+        {"temperature": 0.0},
+        {"temperature": 0.0, "logit_bias": {5: 50.0}},
+        {"temperature": 0.0},
+    ]
+    rows = [3, 0, 1, 1, 1, 2, 2]
+    fresh = [Sampler(SamplingParams(**kw), vocab, []) for kw in kinds]
+    assert [s.plain_greedy for s in fresh] == [True, False, False, False, True, False, True]
+    got = sample_rows(fresh, logits, rows)
+    for kw, row, tok in zip(kinds, rows, got, strict=True):
+        alone = Sampler(SamplingParams(**kw), vocab, []).sample(logits[row])
+        assert tok.token_id == alone.token_id
+        assert tok.prob == pytest.approx(alone.prob, rel=1e-12)
+        assert tok.logprob == pytest.approx(alone.logprob, rel=1e-12)
+        assert [a.token_id for a in tok.top] == [a.token_id for a in alone.top]
+    for i in (0, 4, 6):
+        ref = np.exp(logits[rows[i]].astype(np.float64) - logits[rows[i]].max())
+        assert got[i].token_id == int(np.argmax(ref))
+        assert got[i].prob == pytest.approx(1.0 / ref.sum(), rel=1e-12)
+    assert got[4].token_id == 10
+
+
+def test_sample_rows_rejects_bad_logits_as_sample_does():
+    s = Sampler(SamplingParams(temperature=0.0), 3, [])
+    assert s.plain_greedy
+    for bad in ([0.0, np.nan, 1.0], [-np.inf] * 3, [0.0, np.inf, 1.0]):
+        with pytest.raises(ValueError, match="finite"):
+            sample_rows([s], np.array([bad], dtype=np.float32), [0])
 
 
 @pytest.mark.parametrize("temperature", [0.25, 0.5, 1.0, 2.0, 7.0])
