@@ -12,8 +12,9 @@ from nextword.kernels.matmul import linear
 from nextword.kernels.norms import layernorm
 
 
-def forward(model, cache, batch):
-    """Run the new tokens of `batch` through the model, filling `cache`; logits [R, V] for batch.logits_rows."""
+def forward(model, cache, batch, out=None):
+    """Run the new tokens of `batch` through the model, filling `cache`; logits [R, V] for batch.logits_rows
+    (written into `out` if given)."""
     ckpt, c = model.checkpoint, model.config
     H, Dh, eps = c.num_heads, c.head_dim, c.norm_eps
     T = len(batch.token_ids)
@@ -60,6 +61,6 @@ def forward(model, cache, batch):
 
     last = np.ascontiguousarray(x[batch.logits_rows])  # [R, D]
     layernorm(last, last, ckpt.final_norm, ckpt.final_norm_bias, eps)
-    logits = np.empty((len(last), c.vocab_size), dtype=np.float32)  # [R, V]
+    logits = np.empty((len(last), c.vocab_size), dtype=np.float32) if out is None else out  # [R, V]
     linear(logits, last, ckpt.lm_head, d, tiled=False)  # decode rows first; one prompt row per sequence
     return logits

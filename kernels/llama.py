@@ -11,8 +11,9 @@ from nextword.kernels.matmul import linear
 from nextword.kernels.norms import rmsnorm
 
 
-def forward(model, cache, batch):
-    """Run the new tokens of `batch` through the model, filling `cache`; logits [R, V] for batch.logits_rows."""
+def forward(model, cache, batch, out=None):
+    """Run the new tokens of `batch` through the model, filling `cache`; logits [R, V] for batch.logits_rows
+    (written into `out` if given)."""
     ckpt, c = model.checkpoint, model.config
     H, Hkv, Dh, eps = c.num_heads, c.num_kv_heads, c.head_dim, c.norm_eps
     T = len(batch.token_ids)
@@ -60,6 +61,6 @@ def forward(model, cache, batch):
 
     last = np.ascontiguousarray(x[batch.logits_rows])  # [R, D]
     rmsnorm(last, last, ckpt.final_norm, eps)
-    logits = np.empty((len(last), c.vocab_size), dtype=np.float32)  # [R, V]
+    logits = np.empty((len(last), c.vocab_size), dtype=np.float32) if out is None else out  # [R, V]
     linear(logits, last, ckpt.lm_head, d, tiled=False)  # decode rows first; one prompt row per sequence
     return logits

@@ -110,5 +110,7 @@ class Model:
         c = self.config
         return KVCache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype)
 
-    def forward(self, cache: KVCache, batch: Batch) -> np.ndarray:
-        return self._forward(self, cache, batch)
+    def forward(self, cache: KVCache, batch: Batch, out: np.ndarray | None = None) -> np.ndarray:
+        """Logits [R, V] for batch.logits_rows, written into `out` [R, V] float32 if given: a caller that steps
+        many times reuses one (a fresh [16, 49152] array costs ~800 page faults, ~0.5 ms, every step)."""
+        return self._forward(self, cache, batch, out)

@@ -125,6 +125,7 @@ class Sequence:
 MIN_MEASURED = 16  # steps of at least this many tokens measure the cost of a token
 MIN_PROMPT_CHUNK = 8  # prompt tokens a step takes even when decoding alone fills its time budget
 MAX_SCORE_ROWS = 256  # prompt tokens of a scoring request per step: bounds its logits ([rows, V] float32)
+REUSED_LOGITS_ROWS = 64  # steps of up to this many logits rows (12 MiB at vocab 49152) reuse one buffer
 
 
 class QueueFull(Exception):
@@ -187,6 +188,7 @@ class Engine:
         self._running: list[Sequence] = []
         self._ids = itertools.count()
         self._cancel_all: str | None = None  # set by cancel_all(), acted on at the next step
+        self._logits: np.ndarray | None = None  # [rows, V] float32, reused step after step (_logits_out)
 
     @classmethod
     def load(cls, folder: str | Path, weights: str = "f32", **kwargs) -> Engine:
@@ -362,7 +364,7 @@ class Engine:
             decode_tokens,
         )
         started = self.clock()
-        logits = self.model.forward(self.cache, batch)
+        logits = self.model.forward(self.cache, batch, self._logits_out(len(batch.logits_rows)))
         self._measure(self.clock() - started, len(batch.token_ids))
         row = 0
         emitting = []  # (sequence, its row of logits)
@@ -382,6 +384,20 @@ class Engine:
         self._running = [s for s in self._running if not s.finished]
         self.last_batch = (len(scheduled), len(batch.token_ids))
         return len(batch.token_ids)
+
+    def _logits_out(self, rows: int) -> np.ndarray:
+        """Where this step's logits go: a buffer kept while the engine is busy, for steps of up to
+        REUSED_LOGITS_ROWS rows. A fresh array (3 MiB at 16 sequences) cost ~800 page faults, ~0.5 ms (2%),
+        every decode step. `release_buffers` drops it."""
+        if rows > REUSED_LOGITS_ROWS:
+            return np.empty((rows, self.config.vocab_size), dtype=np.float32)
+        if self._logits is None or len(self._logits) < rows:
+            self._logits = np.empty((rows, self.config.vocab_size), dtype=np.float32)
+        return self._logits[:rows]
+
+    def release_buffers(self) -> None:
+        """Drop the buffers kept from step to step (called when the engine goes idle)."""
+        self._logits = None
 
     def step_tokens(self) -> int:
         """Tokens one step may take: as many as the measured costs fit in max_step_s, capped by

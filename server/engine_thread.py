@@ -103,6 +103,7 @@ class EngineThread:
             if not self.engine.has_work():
                 if not called:
                     if busy:  # going idle: the buffers of the last steps are free, return them
+                        self.engine.release_buffers()
                         release_freed_memory()
                         busy, released_at = False, self.engine.clock()
                     self._wake.wait()

@@ -53,6 +53,29 @@ def test_greedy_generation_follows_the_reference_forward(engine, folder):
     assert "".join(s.text for s in steps) == engine.tokenizer.decode(seq[len(ids) :])
 
 
+def test_plain_greedy_sequences_stepped_together_follow_the_reference(engine, folder):
+    """Greedy without alternatives: the rows sampled together (sample_rows' batched path), into a logits buffer
+    that the steps reuse, and again after the engine dropped it."""
+    prompts = [engine.tokenizer.encode(p) for p in (PROMPT, "def add(a, b):", "x")]
+    loaded = ref.load_reference(folder)
+    for _ in range(2):
+        outs = [[] for _ in prompts]
+        for ids, out in zip(prompts, outs, strict=True):
+            engine.submit(ids, greedy(max_new_tokens=6, ignore_eos=True), out.append)
+        while engine.has_work():
+            engine.step()
+        for ids, out in zip(prompts, outs, strict=True):
+            seq = list(ids)
+            for step in out:
+                probs = ref.softmax(ref.reference_logits(loaded, seq)[-1])
+                assert step.token.token_id == int(np.argmax(probs))
+                assert step.token.prob == pytest.approx(probs.max(), abs=1e-5)
+                assert step.token.logprob == pytest.approx(np.log(probs.max()), abs=1e-4)
+                seq.append(step.token.token_id)
+            assert len(out) == 6
+        engine.release_buffers()
+
+
 def test_kv_cache_dtype_follows_the_weights_unless_set(folder):
     """auto: f16 keys and values with quantized weights, f32 with f32 weights; an explicit choice wins. The
     f16 cache's results against the float64 reference: tests/test_smollm2.py (real model), test_kernels.py."""
@@ -344,11 +367,11 @@ def test_steps_stay_within_their_time_budget_after_the_warm_up(tmp_path):
     engine = Engine.load(tmp_path, kv_cache_tokens=2048, max_step_s=0.2, clock=lambda: now[0])
     forward = engine.model.forward
 
-    def timed_forward(cache, batch):
+    def timed_forward(cache, batch, out=None):
         cost = 2.0 if not costs else 0.005 + 0.001 * len(batch.token_ids)
         costs.append(cost)
         now[0] += cost
-        return forward(cache, batch)
+        return forward(cache, batch, out)
 
     engine.model.forward = timed_forward
     _warm(engine)
