@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -121,6 +123,34 @@ class Generation:
             self.frontend.abandon(self.seq, self.request_id, self.generated)
 
 
+class _Outbox:
+    """Outputs handed from the engine thread to one event loop, a step's outputs (one a stream) in one go: the
+    first schedules their delivery, the others join it. One call_soon_threadsafe an output wrote to the loop's
+    self-pipe every time: a system call each, ~1% of the engine thread at 16 streams."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[Callable, object]] = []
+        self._lock = threading.Lock()
+
+    def put(self, deliver: Callable, output) -> None:
+        """From any thread: deliver(output) on the loop, after the outputs put before it."""
+        with self._lock:
+            first = not self._pending
+            self._pending.append((deliver, output))
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for deliver, output in pending:
+            try:
+                deliver(output)
+            except Exception as e:  # noqa: BLE001 (as the loop treats a failing callback: reported, the rest run)
+                self.loop.call_exception_handler({"message": "delivering an output failed", "exception": e})
+
+
 class Frontend:
     def __init__(self, metrics: Metrics | None = None):
         self.runner: EngineThread | None = None  # set once the model is loaded and warm
@@ -128,6 +158,7 @@ class Frontend:
         self.metrics = metrics or Metrics()
         # One thread: big texts are tokenized one after another, beside the engine, never on the event loop.
         self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="nextword-tokenize")
+        self._outboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Outbox
 
     def engine(self) -> Engine:
         """The engine, or UNAVAILABLE while loading or draining."""
@@ -189,12 +220,11 @@ class Frontend:
     def submit(self, prompt: list[int], params: SamplingParams, deliver: Callable, **kwargs) -> Sequence:
         """Engine.submit through the engine thread; deliver(output) is called on the running event loop."""
         loop = asyncio.get_running_loop()
+        outbox = self._outboxes.get(loop) or self._outboxes.setdefault(loop, _Outbox(loop))
         runner = self.runner
         self.engine()
         try:
-            return runner.submit(
-                prompt, params, lambda out: loop.call_soon_threadsafe(deliver, out), **kwargs
-            )
+            return runner.submit(prompt, params, partial(outbox.put, deliver), **kwargs)
         except InvalidParameter as e:
             raise invalid(e.field, str(e)) from None
         except QueueFull as e:

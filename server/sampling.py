@@ -335,12 +335,17 @@ def sample_rows(samplers: Sequence[Sampler], logits: np.ndarray, rows: Sequence[
     greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
     if greedy:
         picked = np.asarray([rows[i] for i in greedy], dtype=np.int64)  # [n] rows of logits
-        best = [int(np.argmax(logits[r])) for r in picked]  # the first of the largest: lowest id on ties
+        if len(picked) == len(
+            logits
+        ):  # every row (a decode step): one call; argmax takes the lowest id on ties
+            best = np.argmax(logits, axis=1)[picked]
+        else:
+            best = np.array([np.argmax(logits[r]) for r in picked], dtype=np.int64)
         shift = logits[picked, best].astype(np.float64)  # [n] each row's max
         totals = np.empty(len(greedy))  # [n] sum(exp(row - max)), float64
         exp_sums(totals, logits, picked, shift, np.ones(len(greedy)))
         for k, i in enumerate(greedy):
-            tokens[i] = samplers[i]._greedy(logits[picked[k]], best[k], float(totals[k]))
+            tokens[i] = samplers[i]._greedy(logits[picked[k]], int(best[k]), float(totals[k]))
     for i, s in enumerate(samplers):
         if tokens[i] is None:
             tokens[i] = s.sample(logits[rows[i]])

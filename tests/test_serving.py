@@ -225,3 +225,34 @@ def test_memory_metrics(tiny_folder):
     assert kv_after < engine.cache.bytes_per_token * 16384 / 4  # reserved for 16384 positions, not resident
     assert after["process_resident_memory_bytes"] > after["nextword_weights_bytes"] + kv_after
     assert after["nextword_kernel_threads"] == srv.runner.kernel_threads.threads >= 1
+
+
+def test_outbox_delivers_a_step_s_outputs_in_order_in_one_wake_up():
+    """Outputs put by the engine thread reach the event loop in order, the ones put before the loop got to
+    them in one wake-up; a delivery that fails is reported and the others still arrive."""
+    import threading
+
+    from nextword.server.frontend import _Outbox
+
+    loop = asyncio.new_event_loop()
+    wakeups, errors, got = [], [], []
+    schedule = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda *a: (wakeups.append(1), schedule(*a))
+    loop.set_exception_handler(lambda _, context: errors.append(context["exception"]))
+    outbox = _Outbox(loop)
+
+    def deliver(x):
+        if x == 3:
+            raise ValueError("a broken stream")
+        got.append(x)
+
+    engine_step = threading.Thread(target=lambda: [outbox.put(deliver, i) for i in range(16)])
+    engine_step.start()
+    engine_step.join()
+    loop.run_until_complete(asyncio.sleep(0))
+    assert got == [i for i in range(16) if i != 3]
+    assert len(wakeups) == 1 and [str(e) for e in errors] == ["a broken stream"]
+    outbox.put(deliver, 16)  # the next step's first output schedules a new delivery
+    loop.run_until_complete(asyncio.sleep(0))
+    assert got[-1] == 16 and len(wakeups) == 2
+    loop.close()
