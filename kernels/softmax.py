@@ -99,15 +99,21 @@ def _exp64(x):
     return 0.0 if x < -708.0 else e
 
 
+SUM_CHUNK = 256  # entries of a row summed together by exp_chunk_sums
+
+
 @njit(cache=True, nogil=True, fastmath=FASTMATH, parallel=True)
-def exp_sums(out, x, rows, shift, inv_temperature):
-    """out[i] = sum_j exp((x[rows[i], j] - shift[i]) * inv_temperature[i]) in float64, rows in parallel: a
-    softmax's normalizer (shift = the row's max, so every term is <= 1). NaN if the row holds a NaN.
-    out, shift, inv_temperature: [n] float64; x: [R, V] float32; rows: [n] int64"""
+def exp_chunk_sums(out, x, rows, shift, inv_temperature):
+    """out[i, c] = sum_{j in chunk c} exp((x[rows[i], j] - shift[i]) * inv_temperature[i]) in float64, chunks
+    of SUM_CHUNK entries, rows in parallel: a softmax's normalizer (shift = the row's max, so every term is
+    <= 1) in pieces, where a draw finds the piece its cumulative mass crosses without a pass of its own. NaN if
+    the row holds a NaN.   out: [n, ceil(V / SUM_CHUNK)] float64; x: [R, V] float32; rows: [n] int64; shift,
+    inv_temperature: [n] float64"""
     V = x.shape[1]
     for i in prange(rows.shape[0]):
         row, m, inv_t = x[rows[i]], shift[i], inv_temperature[i]
-        total = 0.0
-        for j in range(V):
-            total += _exp64((np.float64(row[j]) - m) * inv_t)
-        out[i] = total
+        for c in range(out.shape[1]):
+            total = 0.0
+            for j in range(c * SUM_CHUNK, min(c * SUM_CHUNK + SUM_CHUNK, V)):
+                total += _exp64((np.float64(row[j]) - m) * inv_t)
+            out[i, c] = total

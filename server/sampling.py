@@ -2,7 +2,7 @@
 
 NumPy, and one Numba kernel. The model never samples and sampling never touches the model: `Sampler.sample`
 takes the float32 logits of one position and returns a `SampledToken`; `sample_rows` does the same for
-the rows of a step's logits, the plain greedy ones (see `Sampler.plain_greedy`) together, in parallel. Each `Sampler` owns its own seeded
+the rows of a step's logits, the plain ones (see `Sampler.plain`) together, in parallel. Each `Sampler` owns its own seeded
 `np.random.default_rng(seed)` and the token counts the penalties need, so one request's draws never
 depend on another's.
 
@@ -40,11 +40,13 @@ Decisions:
   streams). Per Sampler, only when penalties are on, a [vocab] seen-mask and counts. A Sampler is not
   thread-safe: one per sequence. Top-p avoids sorting the vocabulary when the mass sits in the top 128
   (then 1024, 8192, ...) tokens.
-- A decode step of 16 sequences spent ~2 ms (7%) sampling them one by one in NumPy. The plain greedy
-  rows (greedy, no filter, penalty, bias or alternatives: what autocomplete and most benchmarks ask for)
-  need only the argmax and the softmax's normalizer; `sample_rows` takes the normalizers of all of them in
-  one parallel kernel (`exp_sums`, float64, its own vectorizing exp) and gives the same tokens, with
-  probabilities that agree with `sample`'s to ~1e-15.
+- A decode step of 16 sequences spent ~2 ms (7%) sampling them one by one in NumPy. The plain rows (no
+  filter, penalty, bias or alternatives: greedy autocomplete, an OpenAI client's defaults) need only the
+  argmax and the softmax's normalizer, and a draw the place where the cumulative mass crosses it.
+  `sample_rows` takes the normalizers of all of them in one parallel kernel, in pieces of 256 ids
+  (`exp_chunk_sums`, float64, its own vectorizing exp); a draw then finds its piece from those sums and
+  its token within the piece. The same tokens as `sample` (a draw could differ only where rounding in a
+  different order of summation moves the crossing: ~1e-16), the same probabilities to ~1e-15.
 - Stop strings, stop token ids, `ignore_eos` and `max_new_tokens` are carried here but enforced by the
   generation loop.
 """
@@ -60,7 +62,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from nextword.kernels.softmax import exp_sums
+from nextword.kernels.softmax import SUM_CHUNK, exp_chunk_sums
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -235,10 +237,9 @@ class Sampler:
         if self._use_counts:
             self._counts = np.zeros(vocab_size, dtype=np.int64)  # [vocab] generated-token counts
             self._gen_ids = np.zeros(0, dtype=np.intp)  # [n_gen] distinct generated ids
-        # the token is the argmax and its probability 1 / sum(exp(l - max)): nothing else changes either
-        self.plain_greedy = (
-            params.temperature == 0
-            and not bias
+        # nothing but the temperature shapes the distribution, and nothing but the token is reported
+        self.plain = (
+            not bias
             and not self._use_rep
             and not self._use_counts
             and not 0 < params.top_k < vocab_size
@@ -300,12 +301,28 @@ class Sampler:
         self._record(token)
         return SampledToken(token, float(e[j] / total), float(z[j] - log_total), top)
 
-    def _greedy(self, logits: np.ndarray, token: int, total: float) -> SampledToken:
-        """A plain greedy sampler's draw, given the argmax of `logits` and sum(exp(logits - max)) (float64)."""
-        if not (math.isfinite(total) and math.isfinite(logits[token])):
+    def _plain(self, logits: np.ndarray, best: int, chunk_sums: np.ndarray) -> SampledToken:
+        """A plain sampler's draw from `logits`, given their argmax and chunk_sums [ceil(vocab / SUM_CHUNK)]:
+        sum(exp((logits - max) / T)) over each chunk of SUM_CHUNK ids (T = 1 when greedy)."""
+        total, m = float(chunk_sums.sum()), float(logits[best])
+        if not (math.isfinite(total) and math.isfinite(m)):
             return self.sample(logits)  # NaN or +inf logits, or all -inf: sample() says which
         log_total = math.log(total)
-        return SampledToken(token, 1.0 / total, -log_total, ())
+        if self.params.temperature == 0:
+            return SampledToken(best, 1.0 / total, -log_total, ())
+        t = self.params.temperature
+        target = self.rng.random() * total
+        cum = np.cumsum(chunk_sums)  # [chunks] mass up to the end of each chunk, in id order
+        c = int(np.searchsorted(cum, target, side="right"))  # the chunk whose mass crosses target
+        if c == len(cum):  # rounding at the top end: the last chunk with mass
+            c = int(np.flatnonzero(chunk_sums > 0)[-1])
+        start = c * SUM_CHUNK
+        z = (logits[start : start + SUM_CHUNK].astype(np.float64) - m) / t  # [<= SUM_CHUNK]
+        e = np.exp(z)
+        j = int(np.searchsorted((cum[c - 1] if c else 0.0) + np.cumsum(e), target, side="right"))
+        if j == len(e):  # rounding again: the chunk's last token with mass (never one without)
+            j = int(np.flatnonzero(e > 0)[-1])
+        return SampledToken(start + j, float(e[j]) / total, float(z[j]) - log_total, ())
 
     def _apply_bias_and_penalties(self, x: np.ndarray) -> None:
         p = self.params
@@ -329,23 +346,22 @@ class Sampler:
 
 
 def sample_rows(samplers: Sequence[Sampler], logits: np.ndarray, rows: Sequence[int]) -> list[SampledToken]:
-    """samplers[i].sample(logits[rows[i]]) for every i (logits: float32 [R, vocab]), the plain greedy ones
-    together: their argmaxes, then their softmax normalizers in one parallel kernel."""
+    """samplers[i].sample(logits[rows[i]]) for every i (logits: float32 [R, vocab]), the plain ones together:
+    their argmaxes, then their softmax normalizers, in pieces, in one parallel kernel."""
     tokens: list[SampledToken | None] = [None] * len(samplers)
-    greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
-    if greedy:
-        picked = np.asarray([rows[i] for i in greedy], dtype=np.int64)  # [n] rows of logits
-        if len(picked) == len(
-            logits
-        ):  # every row (a decode step): one call; argmax takes the lowest id on ties
-            best = np.argmax(logits, axis=1)[picked]
+    plain = [i for i, s in enumerate(samplers) if s.plain]
+    if plain:
+        picked = np.asarray([rows[i] for i in plain], dtype=np.int64)  # [n] rows of logits
+        if len(picked) == len(logits):  # every row (a decode step): one call
+            best = np.argmax(logits, axis=1)[picked]  # the first of the largest: lowest id on ties
         else:
             best = np.array([np.argmax(logits[r]) for r in picked], dtype=np.int64)
         shift = logits[picked, best].astype(np.float64)  # [n] each row's max
-        totals = np.empty(len(greedy))  # [n] sum(exp(row - max)), float64
-        exp_sums(totals, logits, picked, shift, np.ones(len(greedy)))
-        for k, i in enumerate(greedy):
-            tokens[i] = samplers[i]._greedy(logits[picked[k]], int(best[k]), float(totals[k]))
+        temperature = np.array([samplers[i].params.temperature or 1.0 for i in plain])  # greedy reports T = 1
+        chunk_sums = np.empty((len(plain), -(-logits.shape[1] // SUM_CHUNK)))  # [n, chunks] float64
+        exp_chunk_sums(chunk_sums, logits, picked, shift, 1.0 / temperature)
+        for k, i in enumerate(plain):
+            tokens[i] = samplers[i]._plain(logits[picked[k]], int(best[k]), chunk_sums[k])
     for i, s in enumerate(samplers):
         if tokens[i] is None:
             tokens[i] = s.sample(logits[rows[i]])

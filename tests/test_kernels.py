@@ -9,7 +9,7 @@ from nextword.kernels.elementwise import add, add_bias, add_embedding, embedding
 from nextword.kernels.matmul import linear, matmul_f32
 from nextword.kernels.model import KV_DTYPES
 from nextword.kernels.norms import layernorm, rmsnorm
-from nextword.kernels.softmax import exp_sums, log_softmax, softmax, token_logprobs
+from nextword.kernels.softmax import SUM_CHUNK, exp_chunk_sums, log_softmax, softmax, token_logprobs
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -97,29 +97,31 @@ def test_softmax(R, N):
     np.testing.assert_allclose(out, ref.log_softmax(x), rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("N", [1, 7, 49152])
-def test_exp_sums(N):
+@pytest.mark.parametrize("N", [1, 7, 300, 49152])
+def test_exp_chunk_sums(N):
     rng = np.random.default_rng(N + 2)
     x = randn(rng, 4, N, scale=8) + 100
     x[2, : N // 2] = -np.inf  # no mass
     rows = np.array([3, 0, 0, 2], dtype=np.int64)  # any rows, in any order, repeated
     shift = x[rows].max(axis=1).astype(np.float64)
     inv_t = np.array([1.0, 1.0, 1 / 0.7, 1 / 3.0])
-    out = np.empty(4)
-    exp_sums(out, x, rows, shift, inv_t)
-    expect = np.exp((x[rows].astype(np.float64) - shift[:, None]) * inv_t[:, None]).sum(axis=1)
-    np.testing.assert_allclose(out, expect, rtol=1e-14)
+    chunks = -(-N // SUM_CHUNK)
+    out = np.empty((4, chunks))
+    exp_chunk_sums(out, x, rows, shift, inv_t)
+    e = np.exp((x[rows].astype(np.float64) - shift[:, None]) * inv_t[:, None])  # [4, N]
+    expect = np.add.reduceat(e, np.arange(0, N, SUM_CHUNK), axis=1)  # [4, chunks]
+    np.testing.assert_allclose(out, expect, rtol=1e-14, atol=1e-300)
 
 
-def test_exp_sums_exp_over_its_range():
+def test_exp_chunk_sums_exp_over_its_range():
     """Each term is exp in float64 to ~1e-15 (the sampler's probabilities are held to 1e-12), exactly 0 below
     -708 and for -inf, and NaN in, NaN out."""
     x = np.concatenate([-np.geomspace(1e-6, 708, 3000), [0.0, -709.0, -1e4, -np.inf, np.nan]])
     x = x.astype(np.float32)[:, None]
-    out = np.empty(len(x))
-    exp_sums(out, x, np.arange(len(x)), np.zeros(len(x)), np.ones(len(x)))
-    np.testing.assert_allclose(out[:-4], np.exp(x[:-4, 0].astype(np.float64)), rtol=3e-15, atol=0)
-    assert list(out[-4:-1]) == [0.0, 0.0, 0.0] and np.isnan(out[-1])
+    out = np.empty((len(x), 1))
+    exp_chunk_sums(out, x, np.arange(len(x)), np.zeros(len(x)), np.ones(len(x)))
+    np.testing.assert_allclose(out[:-4, 0], np.exp(x[:-4, 0].astype(np.float64)), rtol=3e-15, atol=0)
+    assert list(out[-4:-1, 0]) == [0.0, 0.0, 0.0] and np.isnan(out[-1, 0])
 
 
 @pytest.mark.parametrize("R,N", [(1, 1), (3, 7), (4, 49152)])

@@ -112,9 +112,9 @@ def test_greedy_ties_go_to_lowest_id():
 
 
 def test_sample_rows_draws_what_each_sampler_draws_alone():
-    """A step's rows sampled together: the plain greedy ones through the batched kernel, the others one by
-    one; every token, probability and alternative as the sampler alone gives them, and the plain greedy
-    ones as the float64 softmax."""
+    """A step's rows sampled together: the plain ones (greedy or a temperature, nothing else) through the
+    batched kernel, the others one by one; every token, probability and alternative as the sampler alone
+    gives them, and the plain greedy ones as the float64 softmax."""
     vocab = 3000
     logits = (np.random.default_rng(7).standard_normal((4, vocab)) * 4).astype(np.float32)
     logits[1, [10, 2000]] = logits[1].max() + 1  # a tie: the lowest id
@@ -122,15 +122,16 @@ def test_sample_rows_draws_what_each_sampler_draws_alone():
     kinds = [
         {"temperature": 0.0},
         {"temperature": 0.0, "top_n": 3},
-        {"temperature": 0.8, "seed": 3},
+        {"temperature": 0.8, "seed": 3, "top_p": 0.9},
         {"temperature": 0.0, "top_k": 5},
         {"temperature": 0.0},
         {"temperature": 0.0, "logit_bias": {5: 50.0}},
         {"temperature": 0.0},
     ]
-    rows = [3, 0, 1, 1, 1, 2, 2]
+    kinds += [{"temperature": t, "seed": seed} for t in (0.5, 1.0, 2.5) for seed in range(8)]
+    rows = [3, 0, 1, 1, 1, 2, 2] + [seed % 4 for seed in range(24)]
     fresh = [Sampler(SamplingParams(**kw), vocab, []) for kw in kinds]
-    assert [s.plain_greedy for s in fresh] == [True, False, False, False, True, False, True]
+    assert [s.plain for s in fresh] == [True, False, False, False, True, False, True] + [True] * 24
     got = sample_rows(fresh, logits, rows)
     for kw, row, tok in zip(kinds, rows, got, strict=True):
         alone = Sampler(SamplingParams(**kw), vocab, []).sample(logits[row])
@@ -143,14 +144,37 @@ def test_sample_rows_draws_what_each_sampler_draws_alone():
         assert got[i].token_id == int(np.argmax(ref))
         assert got[i].prob == pytest.approx(1.0 / ref.sum(), rel=1e-12)
     assert got[4].token_id == 10
+    assert len({t.token_id for t in got[7:]}) > 12  # the draws are draws
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_sample_rows_frequencies_match_distribution(temperature):
+    """The batched draw over a vocabulary of several chunks: every token as often as its probability."""
+    vocab = 700  # 3 chunks, the last partial
+    logits = np.full(vocab, -30.0, dtype=np.float32)
+    logits[[0, 255, 256, 511, 699]] = [2.0, 1.0, 0.5, -1.0, 0.0]  # the chunks' edges
+    s = Sampler(SamplingParams(temperature=temperature, seed=11), vocab, [])
+    n = 20000
+    draws = [t.token_id for _ in range(n // 100) for t in sample_rows([s] * 100, logits[None], [0] * 100)]
+    counts = np.bincount(draws, minlength=vocab)
+    ref = ref_dist(logits, temperature=temperature or 1.0)
+    if temperature == 0:
+        assert counts[0] == n
+        return
+    np.testing.assert_allclose(counts / n, ref, atol=0.01)
+    nz = ref > 1e-4
+    chi2 = float((((counts - n * ref) ** 2)[nz] / (n * ref[nz])).sum())
+    assert chi2 < 18.47  # 99.9th percentile of chi-square with 4 degrees of freedom
+    assert counts[~nz].sum() == 0  # the 695 others hold ~1e-15 of the mass
 
 
 def test_sample_rows_rejects_bad_logits_as_sample_does():
-    s = Sampler(SamplingParams(temperature=0.0), 3, [])
-    assert s.plain_greedy
-    for bad in ([0.0, np.nan, 1.0], [-np.inf] * 3, [0.0, np.inf, 1.0]):
-        with pytest.raises(ValueError, match="finite"):
-            sample_rows([s], np.array([bad], dtype=np.float32), [0])
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7)):
+        s = Sampler(params, 3, [])
+        assert s.plain
+        for bad in ([0.0, np.nan, 1.0], [-np.inf] * 3, [0.0, np.inf, 1.0]):
+            with pytest.raises(ValueError, match="finite"):
+                sample_rows([s], np.array([bad], dtype=np.float32), [0])
 
 
 @pytest.mark.parametrize("temperature", [0.25, 0.5, 1.0, 2.0, 7.0])
