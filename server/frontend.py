@@ -139,7 +139,12 @@ class _Outbox:
             first = not self._pending
             self._pending.append((deliver, output))
         if first:
-            self.loop.call_soon_threadsafe(self._deliver)
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop is closed: nothing will take these, keep none of them
+                with self._lock:
+                    self._pending.clear()
+                raise
 
     def _deliver(self) -> None:
         with self._lock:

@@ -1,9 +1,9 @@
 """Sampling: one sequence's logits -> one token plus the probabilities it was drawn with.
 
 NumPy, and one Numba kernel. The model never samples and sampling never touches the model: `Sampler.sample`
-takes the float32 logits of one position and returns a `SampledToken`; `sample_rows` does the same for
-the rows of a step's logits, the plain ones (see `Sampler.plain`) together, in parallel. Each `Sampler` owns its own seeded
-`np.random.default_rng(seed)` and the token counts the penalties need, so one request's draws never
+takes the float32 logits of one position and returns a `SampledToken`; `sample_rows` does the same for the
+rows of a step's logits, the plain ones (see `Sampler.plain`) together, in parallel. Each `Sampler` owns its
+own seeded `np.random.default_rng(seed)` and the token counts the penalties need, so one request's draws never
 depend on another's.
 
 Pipeline of `Sampler.sample`, in this order (all arithmetic in float64, on a copy of the logits):
